@@ -1,0 +1,277 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using KernelLM.Models;
+using KernelLM.Models.Llama;
+using KernelLM.Runtime;
+using KernelLM.Runtime.Generation;
+using KernelLM.Runtime.Sampling;
+using Spectre.Console;
+
+namespace KernelLM.Cli;
+
+/// <summary>The `kernellm` command: run, generate, info, score.</summary>
+public static class Program
+{
+    public const string DefaultPrompt = "Once upon a time";
+
+    private static readonly Option<bool> Verbose = new("--verbose") { Description = "Print stack traces with errors", Recursive = true };
+
+    public static int Main(string[] args) => BuildCommand(Console.Out, Console.Error).Parse(args).Invoke();
+
+    public static RootCommand BuildCommand(TextWriter output, TextWriter errors)
+    {
+        var root = new RootCommand("KernelLM: Llama-family LLM inference with fused kernels and token-level controls.");
+        root.Options.Add(Verbose);
+        root.Subcommands.Add(GenerateCommand("run", "Generate a story from the embedded default model (tiny-stories) and print tokens/s.", embeddedDefault: true, output, errors));
+        root.Subcommands.Add(GenerateCommand("generate", "Generate text from a Hugging Face model folder.", embeddedDefault: false, output, errors));
+        root.Subcommands.Add(InfoCommand(output, errors));
+        root.Subcommands.Add(ScoreCommand(output, errors));
+        return root;
+    }
+
+    // ------------------------------------------------------------------ shared options
+
+    private sealed class DeviceOptions
+    {
+        public Option<string> Device { get; } = new("--device") { Description = "auto | cpu", DefaultValueFactory = _ => "auto" };
+        public Option<int> Threads { get; } = new("--threads") { Description = "CPU threads (0 = one per core)", DefaultValueFactory = _ => 0 };
+        public Option<int> ContextLength { get; } = new("--context-length") { Description = "KV cache capacity in tokens (0 = model's, capped at 4096)", DefaultValueFactory = _ => 0 };
+
+        public void AddTo(Command command)
+        {
+            command.Options.Add(Device);
+            command.Options.Add(Threads);
+            command.Options.Add(ContextLength);
+        }
+
+        public ModelLoadOptions Read(ParseResult result) => new()
+        {
+            Device = result.GetValue(Device) ?? "auto",
+            Threads = result.GetValue(Threads),
+            ContextLength = result.GetValue(ContextLength),
+        };
+    }
+
+    private static Option<string> ModelOption(bool required) => new("--model", "-m")
+    {
+        Description = required ? "Model folder (config.json, *.safetensors, tokenizer.json)" : "Model folder (default: the embedded tiny-stories)",
+        Required = required,
+    };
+
+    // ------------------------------------------------------------------ run / generate
+
+    private static Command GenerateCommand(string name, string description, bool embeddedDefault, TextWriter output, TextWriter errors)
+    {
+        var model = ModelOption(required: !embeddedDefault);
+        var prompt = new Option<string>("--prompt", "-p") { Description = "Prompt text", Required = !embeddedDefault };
+        var maxTokens = new Option<int>("--max-tokens", "-n") { Description = "Most tokens to generate", DefaultValueFactory = _ => embeddedDefault ? 120 : 256 };
+        var temperature = new Option<float>("--temperature", "-t") { Description = "Sampling temperature (0 = greedy)", DefaultValueFactory = _ => 0.8f };
+        var topK = new Option<int>("--top-k") { Description = "Keep the k most likely tokens (0 = off)", DefaultValueFactory = _ => 40 };
+        var topP = new Option<float>("--top-p") { Description = "Nucleus sampling mass (1 = off)", DefaultValueFactory = _ => 0.95f };
+        var minP = new Option<float>("--min-p") { Description = "Drop tokens below min-p x top probability (0 = off)", DefaultValueFactory = _ => 0.05f };
+        var repetition = new Option<float>("--repetition-penalty") { Description = "Penalty on tokens already seen (1 = off)", DefaultValueFactory = _ => 1f };
+        var seed = new Option<int?>("--seed") { Description = "Random seed (same seed, same output)" };
+        var stop = new Option<string[]>("--stop") { Description = "Stop at this text (repeatable)", AllowMultipleArgumentsPerToken = false };
+        var device = new DeviceOptions();
+        var command = new Command(name, description) { model, prompt, maxTokens, temperature, topK, topP, minP, repetition, seed, stop };
+        device.AddTo(command);
+        command.SetAction(result => Guard(result, errors, () =>
+        {
+            string directory = result.GetValue(model) ?? LanguageModel.DefaultModelDirectory;
+            var options = new GenerationOptions
+            {
+                MaxNewTokens = result.GetValue(maxTokens),
+                StopStrings = result.GetValue(stop) ?? [],
+                Sampling = new SamplingOptions
+                {
+                    Temperature = result.GetValue(temperature),
+                    TopK = result.GetValue(topK),
+                    TopP = result.GetValue(topP),
+                    MinP = result.GetValue(minP),
+                    RepetitionPenalty = result.GetValue(repetition),
+                    Seed = result.GetValue(seed),
+                },
+            };
+            options.Validate();
+            string text = result.GetValue(prompt) ?? DefaultPrompt;
+            using var language = LoadWithProgress(directory, device.Read(result), errors);
+            var stats = new GenerationStats();
+            output.Write(text);
+            output.Flush();
+            using var cancel = new CancellationTokenSource();
+            ConsoleCancelEventHandler onCancel = (_, e) =>
+            {
+                e.Cancel = true;
+                cancel.Cancel();
+            };
+            Console.CancelKeyPress += onCancel;
+            try
+            {
+                foreach (var token in language.Generate(text, options, stats, cancel.Token))
+                {
+                    output.Write(token.Text);
+                    output.Flush();
+                }
+            }
+            catch (OperationCanceledException)
+            {
+                errors.WriteLine();
+                errors.WriteLine("(cancelled)");
+            }
+            finally
+            {
+                Console.CancelKeyPress -= onCancel;
+            }
+            output.WriteLine();
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"[{stats.GeneratedTokens} tokens, prompt {stats.PromptTokens} tokens at {stats.PrefillTokensPerSecond:F1} tok/s, decode {stats.DecodeTokensPerSecond:F1} tokens/s, {language.DeviceName}, finished: {stats.FinishReason}]"));
+            return 0;
+        }));
+        return command;
+    }
+
+    // ------------------------------------------------------------------ info
+
+    private static Command InfoCommand(TextWriter output, TextWriter errors)
+    {
+        var directory = new Argument<string>("dir") { Description = "Model folder", Arity = ArgumentArity.ZeroOrOne, DefaultValueFactory = _ => LanguageModel.DefaultModelDirectory };
+        var device = new DeviceOptions();
+        var command = new Command("info", "Print a model's architecture, sizes and dtypes.") { directory };
+        device.AddTo(command);
+        command.SetAction(result => Guard(result, errors, () =>
+        {
+            using var language = LoadWithProgress(result.GetValue(directory)!, device.Read(result), errors);
+            var c = language.Config;
+            var dtypes = language.Model.Files.SelectMany(f => f.Tensors).GroupBy(t => t.DType.ToSafeTensorsName())
+                .Select(g => $"{g.Key} x{g.Count()}");
+            var table = new Table().AddColumn("field").AddColumn("value");
+            void Row(string key, object value) => table.AddRow(Markup.Escape(key), Markup.Escape(Convert.ToString(value, CultureInfo.InvariantCulture) ?? ""));
+            Row("folder", language.Directory);
+            Row("architecture", c.ArchitectureName);
+            Row("layers", c.Layers);
+            Row("hidden size", c.HiddenSize);
+            Row("intermediate size", c.IntermediateSize);
+            Row("attention heads", $"{c.Heads} (kv heads {c.KvHeads}, group {c.KvGroupSize}, head_dim {c.HeadDim})");
+            Row("vocabulary", c.VocabularySize);
+            Row("max positions", c.MaxPositionEmbeddings);
+            Row("context (KV cache)", language.Model.ContextLength);
+            Row("rope", $"theta {c.RopeTheta}" + (c.RopeScaling is { } s ? $", {s.Type} x{s.Factor}" : ""));
+            Row("rms_norm_eps", c.RmsNormEpsilon);
+            Row("tied embeddings", c.TieWordEmbeddings);
+            Row("q/k/v bias", c.QkvBias);
+            Row("sliding window", c.SlidingWindow == 0 ? "none" : c.SlidingWindow);
+            Row("bos / eos", $"{c.BosTokenId?.ToString(CultureInfo.InvariantCulture) ?? "none"} / {string.Join(", ", c.EosTokenIds)}");
+            Row("tensor dtypes", string.Join(", ", dtypes));
+            Row("parameters", language.Model.Files.SelectMany(f => f.Tensors).Sum(t => t.ElementCount).ToString("N0", CultureInfo.InvariantCulture));
+            Row("weight bytes", FormatBytes(language.Model.WeightBytes));
+            Row("bytes per decoded token", FormatBytes(language.Model.BytesPerDecodedToken));
+            Row("session memory", FormatBytes(language.SessionBytes) + " (KV cache + activations, allocated at load)");
+            Row("files", string.Join(", ", language.Model.Files.Select(f => Path.GetFileName(f.FilePath))));
+            Row("device", language.DeviceName);
+            var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
+            console.Write(table);
+            return 0;
+        }));
+        return command;
+    }
+
+    // ------------------------------------------------------------------ score
+
+    private static Command ScoreCommand(TextWriter output, TextWriter errors)
+    {
+        var model = ModelOption(required: true);
+        var text = new Option<string>("--text") { Description = "Text to score (teacher forcing)", Required = true };
+        var json = new Option<bool>("--json") { Description = "One JSON object per line per position" };
+        var device = new DeviceOptions();
+        var command = new Command("score", "Per-token log-probs and entropies of a text under the model.") { model, text, json };
+        device.AddTo(command);
+        command.SetAction(result => Guard(result, errors, () =>
+        {
+            using var language = LoadWithProgress(result.GetValue(model)!, device.Read(result), errors);
+            var scores = language.Score(result.GetValue(text)!);
+            if (result.GetValue(json))
+            {
+                foreach (var score in scores)
+                {
+                    output.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"{{\"position\": {score.Position}, \"token\": {score.Token}, \"logprob\": {JsonNumber(score.LogProbability)}, \"entropy\": {JsonNumber(score.Entropy)}}}"));
+                }
+                return 0;
+            }
+            var table = new Table().AddColumn("position").AddColumn("token").AddColumn("text").AddColumn("logprob").AddColumn("entropy");
+            foreach (var score in scores)
+            {
+                table.AddRow(score.Position.ToString(CultureInfo.InvariantCulture), score.Token.ToString(CultureInfo.InvariantCulture),
+                    Markup.Escape(language.Tokenizer.Decode([score.Token])), score.LogProbability.ToString("F4", CultureInfo.InvariantCulture),
+                    score.Entropy.ToString("F4", CultureInfo.InvariantCulture));
+            }
+            var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
+            console.Write(table);
+            double total = scores.Sum(s => (double)s.LogProbability);
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"sum logprob {total:F4}, perplexity {Math.Exp(-total / scores.Count):F4}"));
+            return 0;
+        }));
+        return command;
+    }
+
+    // ------------------------------------------------------------------ helpers
+
+    private static string JsonNumber(float value) =>
+        float.IsFinite(value) ? value.ToString("R", CultureInfo.InvariantCulture) : "null";
+
+    private static string FormatBytes(long bytes) =>
+        bytes >= 1 << 30 ? string.Create(CultureInfo.InvariantCulture, $"{bytes / (double)(1 << 30):F2} GiB")
+        : string.Create(CultureInfo.InvariantCulture, $"{bytes / (double)(1 << 20):F2} MiB");
+
+    /// <summary>Loads the model; when that takes long and stderr is a terminal, shows a progress bar.</summary>
+    private static LanguageModel LoadWithProgress(string directory, ModelLoadOptions options, TextWriter errors)
+    {
+        if (Console.IsErrorRedirected || !ReferenceEquals(errors, Console.Error))
+        {
+            return LanguageModel.Load(directory, options);
+        }
+        var progress = new LoadProgress();
+        var load = Task.Run(() => LanguageModel.Load(directory, options with { Progress = progress }));
+        if (!load.Wait(TimeSpan.FromMilliseconds(400)))
+        {
+            var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(Console.Error) });
+            console.Progress().AutoClear(true).Start(context =>
+            {
+                var task = context.AddTask($"loading {Path.GetFileName(Path.TrimEndingDirectorySeparator(directory))}", maxValue: 1.0);
+                while (!load.Wait(TimeSpan.FromMilliseconds(100)))
+                {
+                    task.Value = progress.Fraction;
+                }
+                task.Value = 1.0;
+            });
+        }
+        return load.GetAwaiter().GetResult();
+    }
+
+    private static int Guard(ParseResult result, TextWriter errors, Func<int> action)
+    {
+        try
+        {
+            return action();
+        }
+        catch (KernelLMException error)
+        {
+            errors.WriteLine($"error: {error.Message}");
+            if (result.GetValue(Verbose))
+            {
+                errors.WriteLine(error);
+            }
+            return 1;
+        }
+        catch (Exception error) when (error is not OutOfMemoryException)
+        {
+            errors.WriteLine($"error: unexpected {error.GetType().Name}: {error.Message}");
+            if (result.GetValue(Verbose))
+            {
+                errors.WriteLine(error);
+            }
+            return 2;
+        }
+    }
+}

@@ -1,0 +1,178 @@
+using System.Diagnostics;
+using System.Runtime.CompilerServices;
+using KernelLM.Runtime.Sampling;
+
+namespace KernelLM.Runtime.Generation;
+
+public sealed record GenerationOptions
+{
+    public int MaxNewTokens { get; init; } = 256;
+    public SamplingOptions Sampling { get; init; } = new();
+    public IReadOnlyList<string> StopStrings { get; init; } = [];
+
+    /// <summary>Stop when the model emits one of its EOS ids (the EOS itself is not streamed).</summary>
+    public bool StopOnEos { get; init; } = true;
+
+    public void Validate()
+    {
+        if (MaxNewTokens < 1)
+        {
+            throw new InvalidParameterException("max-tokens", $"{MaxNewTokens} (must be >= 1)");
+        }
+        Sampling.Validate();
+        foreach (string stop in StopStrings)
+        {
+            if (string.IsNullOrEmpty(stop))
+            {
+                throw new InvalidParameterException("stop", "stop strings must not be empty");
+            }
+        }
+    }
+}
+
+/// <summary>One streamed token: its id, the text it completes (may be empty while a multi-byte character
+/// is incomplete), and log p(token | prefix) under the model's unmodified distribution.</summary>
+public readonly record struct GeneratedToken(int Id, string Text, float LogProbability);
+
+public enum FinishReason
+{
+    None,
+    EndOfSequence,
+    StopString,
+    MaxTokens,
+    ContextFull,
+}
+
+/// <summary>Filled in while a generation runs; complete once its stream has ended.</summary>
+public sealed class GenerationStats
+{
+    public int PromptTokens { get; internal set; }
+    public int GeneratedTokens { get; internal set; }
+    public TimeSpan PrefillTime { get; internal set; }
+    public TimeSpan DecodeTime { get; internal set; }
+    public FinishReason FinishReason { get; internal set; }
+
+    public double PrefillTokensPerSecond => PrefillTime > TimeSpan.Zero ? PromptTokens / PrefillTime.TotalSeconds : 0;
+
+    /// <summary>Tokens after the first (which comes out of the prefill) per second of decode steps.</summary>
+    public double DecodeTokensPerSecond => DecodeTime > TimeSpan.Zero ? (GeneratedTokens - 1) / DecodeTime.TotalSeconds : 0;
+}
+
+/// <summary>
+/// The generation loop: prefill the prompt, then one forward pass and one sampling step per token, until
+/// EOS, a stop string, the token budget or the context is exhausted. The forward and sampling steps
+/// allocate nothing; the text pieces streamed out are the only per-token allocations.
+/// </summary>
+public static class Generator
+{
+    public static IEnumerable<GeneratedToken> Run(IDecoderSession session, ITextTokenizer tokenizer, int[] prompt,
+        GenerationOptions options, GenerationStats stats, CancellationToken cancellation = default)
+    {
+        ArgumentNullException.ThrowIfNull(prompt);
+        options.Validate();
+        if (prompt.Length == 0)
+        {
+            throw new InvalidParameterException("prompt", "the prompt encodes to no tokens (and the tokenizer adds no BOS)");
+        }
+        if (prompt.Length >= session.Capacity)
+        {
+            throw new ContextLengthException(
+                $"the prompt is {prompt.Length} tokens; the context holds {session.Capacity} (prompt plus at least one generated token must fit)");
+        }
+        return RunChecked(session, tokenizer, prompt, options, stats, cancellation);
+    }
+
+    private static IEnumerable<GeneratedToken> RunChecked(IDecoderSession session, ITextTokenizer tokenizer, int[] prompt,
+        GenerationOptions options, GenerationStats stats, CancellationToken cancellation)
+    {
+        var sampler = new Sampler(session.VocabularySize);
+        var logits = new float[session.VocabularySize];
+        var history = new int[Math.Min(session.Capacity, prompt.Length + options.MaxNewTokens)];
+        prompt.CopyTo(history, 0);
+        int length = prompt.Length;
+        var random = options.Sampling.Seed is int seed ? new Random(seed) : new Random();
+        var detokenizer = new IncrementalDetokenizer(tokenizer);
+        var stops = new StopStringMatcher(options.StopStrings);
+        var eos = tokenizer.EosTokenIds;
+        stats.PromptTokens = prompt.Length;
+
+        session.Reset();
+        var clock = Stopwatch.StartNew();
+        session.Forward(prompt, logits);
+        stats.PrefillTime = clock.Elapsed;
+        clock.Restart();
+
+        while (true)
+        {
+            cancellation.ThrowIfCancellationRequested();
+            int token = NextToken(sampler, logits, options.Sampling, history.AsSpan(0, length), random, out float logProbability);
+            stats.GeneratedTokens++;
+            if (options.StopOnEos && Contains(eos, token))
+            {
+                stats.FinishReason = FinishReason.EndOfSequence;
+                break;
+            }
+            history[length++] = token;
+            string text = stops.Push(detokenizer.Push(token));
+            yield return new GeneratedToken(token, text, logProbability);
+            if (stops.Stopped)
+            {
+                stats.FinishReason = FinishReason.StopString;
+                break;
+            }
+            if (stats.GeneratedTokens >= options.MaxNewTokens)
+            {
+                stats.FinishReason = FinishReason.MaxTokens;
+                break;
+            }
+            if (session.Length >= session.Capacity)
+            {
+                stats.FinishReason = FinishReason.ContextFull;
+                break;
+            }
+            session.Forward([token], logits);
+            stats.DecodeTime = clock.Elapsed;
+        }
+        stats.DecodeTime = clock.Elapsed;
+        if (stats.FinishReason != FinishReason.StopString)
+        {
+            string rest = stops.Push(detokenizer.Flush()) + stops.Flush();
+            if (rest.Length > 0)
+            {
+                yield return new GeneratedToken(-1, rest, float.NaN);
+            }
+        }
+    }
+
+    /// <summary>One sampling step: the choice, and its log-prob under the raw (unpenalised, untempered) logits.</summary>
+    public static int NextToken(Sampler sampler, ReadOnlySpan<float> logits, SamplingOptions options, ReadOnlySpan<int> history, Random random, out float logProbability)
+    {
+        double uniform = options.IsGreedy ? 0 : random.NextDouble();
+        int token = sampler.Sample(logits, options, history, uniform);
+        logProbability = (float)(logits[token] - Sampler.LogSumExp(logits));
+        return token;
+    }
+
+    private static bool Contains(IReadOnlyList<int> ids, int token)
+    {
+        for (int i = 0; i < ids.Count; i++)
+        {
+            if (ids[i] == token)
+            {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    /// <summary>The same loop as an async stream for services (cancellation between tokens).</summary>
+    public static async IAsyncEnumerable<GeneratedToken> RunAsync(IDecoderSession session, ITextTokenizer tokenizer, int[] prompt,
+        GenerationOptions options, GenerationStats stats, [EnumeratorCancellation] CancellationToken cancellation = default)
+    {
+        foreach (var token in Run(session, tokenizer, prompt, options, stats, cancellation))
+        {
+            yield return token;
+            await Task.Yield();
+        }
+    }
+}
