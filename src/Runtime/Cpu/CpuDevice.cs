@@ -1,4 +1,5 @@
 using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
 
 namespace KernelLM.Runtime.Cpu;
 
@@ -99,6 +100,7 @@ public sealed unsafe class CpuDevice : IDisposable
         public float* Y;
         public bool Accumulate;
 
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public override void Execute(int begin, int end, int worker)
         {
             int cols = Weight.Cols;
@@ -212,6 +214,7 @@ public sealed unsafe class CpuDevice : IDisposable
         public int Window;
         public float Scale;
 
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public override void Execute(int begin, int end, int worker)
         {
             var cache = Cache!;
@@ -277,6 +280,7 @@ public sealed unsafe class CpuDevice : IDisposable
     /// for i below half, (x_i, x_{i+half}) -> (x_i cos - x_{i+half} sin, x_{i+half} cos + x_i sin),
     /// with angle = position * inv_freq[i]; cos/sin tables: [max_position, half].
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Rope(Span<float> x, int tokens, int heads, int headDim, int start, ReadOnlySpan<float> cos, ReadOnlySpan<float> sin)
     {
         int half = headDim / 2;

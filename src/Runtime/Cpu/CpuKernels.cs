@@ -22,6 +22,7 @@ internal static unsafe class CpuKernels
         Vector256.FusedMultiplyAdd(a, b, c);
 
     /// <summary>w[0..n) (bf16) . x[0..n) (fp32)</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static float DotBf16(ushort* w, float* x, int n)
     {
         int c = 0;
@@ -57,6 +58,7 @@ internal static unsafe class CpuKernels
 
     /// <summary>Four dot products sharing one bf16 weight row: result[j] = w . x_j. Each weight vector is
     /// widened once and used four times (prefill).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void DotBf16x4(ushort* w, float* x0, float* x1, float* x2, float* x3, int n, float* result)
     {
         int c = 0;
@@ -91,6 +93,7 @@ internal static unsafe class CpuKernels
     }
 
     /// <summary>w[0..n) (fp32) . x[0..n) (fp32)</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static float DotF32(float* w, float* x, int n)
     {
         int c = 0;
@@ -120,6 +123,7 @@ internal static unsafe class CpuKernels
         return sum;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void DotF32x4(float* w, float* x0, float* x1, float* x2, float* x3, int n, float* result)
     {
         int c = 0;
