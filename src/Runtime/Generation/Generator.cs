@@ -87,7 +87,7 @@ public static class Generator
     {
         var sampler = new Sampler(session.VocabularySize);
         var logits = new float[session.VocabularySize];
-        var history = new int[Math.Min(session.Capacity, prompt.Length + options.MaxNewTokens)];
+        var history = new int[Math.Min(session.Capacity + 1, prompt.Length + options.MaxNewTokens)];
         prompt.CopyTo(history, 0);
         int length = prompt.Length;
         var random = options.Sampling.Seed is int seed ? new Random(seed) : new Random();
