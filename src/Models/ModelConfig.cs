@@ -193,7 +193,10 @@ public sealed record ModelConfig
             {
                 throw new ModelConfigException($"{path}: 'architectures' lists {list.GetArrayLength()} entries; expected one");
             }
-            return list[0].GetString() ?? throw new ModelConfigException($"{path}: 'architectures' must hold strings");
+            // GetString throws an untyped InvalidOperationException on a non-string, so the kind is checked first.
+            return list[0].ValueKind == JsonValueKind.String
+                ? list[0].GetString()!
+                : throw new ModelConfigException($"{path}: 'architectures' must hold strings, got {list[0].GetRawText()}");
         }
         return OptionalString(root, "model_type", path) switch
         {

@@ -125,6 +125,13 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             throw new SafeTensorsException(path, null, SafeTensorsError.InvalidHeaderJson, "header does not start with '{'");
         }
 
+        // JsonDocument does not validate UTF-8 inside strings; GetString would throw an untyped
+        // InvalidOperationException on the first bad name, so reject the header up front as the reference does.
+        if (!System.Text.Unicode.Utf8.IsValid(headerBytes))
+        {
+            throw new SafeTensorsException(path, null, SafeTensorsError.InvalidHeaderJson, "header is not valid UTF-8");
+        }
+
         long dataStart = 8 + (long)headerLength;
         long dataLength = fileLength - dataStart;
         JsonDocument document;
@@ -137,7 +144,9 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             throw new SafeTensorsException(path, null, SafeTensorsError.InvalidHeaderJson, $"header is not valid JSON: {error.Message}");
         }
 
-        using (document)
+        // Every value kind is checked before it is read, so the only InvalidOperationException left is
+        // JsonElement failing to transcode a string (a lone surrogate escape such as "\ud800" in a name).
+        try
         {
             if (document.RootElement.ValueKind != JsonValueKind.Object)
             {
@@ -190,6 +199,14 @@ public sealed unsafe class SafeTensorsFile : IDisposable
                     $"tensors cover {expected} bytes but the data region holds {dataLength} (truncated or padded file?)");
             }
             return (tensors, metadata);
+        }
+        catch (InvalidOperationException error)
+        {
+            throw new SafeTensorsException(path, null, SafeTensorsError.InvalidHeaderJson, $"header holds a string that is not valid UTF-16: {error.Message}");
+        }
+        finally
+        {
+            document.Dispose();
         }
     }
 
@@ -251,7 +268,9 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         {
             throw new SafeTensorsException(path, name, SafeTensorsError.InvalidOffsets, "missing 'data_offsets' [begin, end]");
         }
-        if (!offsets[0].TryGetInt64(out long begin) || !offsets[1].TryGetInt64(out long end) || begin < 0 || end < begin)
+        // TryGetInt64 throws (untyped) on a non-number, so the kind is checked first.
+        if (offsets[0].ValueKind != JsonValueKind.Number || offsets[1].ValueKind != JsonValueKind.Number
+            || !offsets[0].TryGetInt64(out long begin) || !offsets[1].TryGetInt64(out long end) || begin < 0 || end < begin)
         {
             throw new SafeTensorsException(path, name, SafeTensorsError.InvalidOffsets, "data_offsets must be integers with 0 <= begin <= end");
         }
