@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using KernelLM.Models;
 using KernelLM.Runtime;
+using KernelLM.Tests.Support;
 using NUnit.Framework;
 
 namespace KernelLM.Tests.Fixtures;
@@ -52,11 +53,6 @@ public sealed record SyntheticModelSpec
 /// </summary>
 public static class SyntheticModel
 {
-    private static readonly Lazy<string> RepositoryRoot = new(FindRepositoryRoot);
-
-    /// <summary>Absolute path of models/tiny-stories in this checkout.</summary>
-    public static string TinyStoriesDirectory => Path.Combine(RepositoryRoot.Value, "models", "tiny-stories");
-
     public static string Write(string directory, SyntheticModelSpec spec) => Write(directory, spec, tensors => tensors);
 
     /// <summary>
@@ -70,8 +66,8 @@ public static class SyntheticModel
         ArgumentNullException.ThrowIfNull(editTensors);
         Directory.CreateDirectory(directory);
         File.WriteAllText(Path.Combine(directory, "config.json"), Config(spec).ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        File.Copy(Path.Combine(TinyStoriesDirectory, "tokenizer.json"), Path.Combine(directory, "tokenizer.json"), overwrite: true);
-        File.Copy(Path.Combine(TinyStoriesDirectory, "tokenizer_config.json"), Path.Combine(directory, "tokenizer_config.json"), overwrite: true);
+        File.Copy(Path.Combine(TestPaths.TinyStories, "tokenizer.json"), Path.Combine(directory, "tokenizer.json"), overwrite: true);
+        File.Copy(Path.Combine(TestPaths.TinyStories, "tokenizer_config.json"), Path.Combine(directory, "tokenizer_config.json"), overwrite: true);
 
         var tensors = editTensors(Tensors(spec));
         if (!spec.Sharded)
@@ -243,20 +239,5 @@ public static class SyntheticModel
         double uniform1 = 1.0 - random.NextDouble();
         double uniform2 = random.NextDouble();
         return Math.Sqrt(-2.0 * Math.Log(uniform1)) * Math.Cos(2.0 * Math.PI * uniform2);
-    }
-
-    private static string FindRepositoryRoot()
-    {
-        foreach (string start in new[] { TestContext.CurrentContext.TestDirectory, AppContext.BaseDirectory })
-        {
-            for (var directory = new DirectoryInfo(start); directory is not null; directory = directory.Parent)
-            {
-                if (File.Exists(Path.Combine(directory.FullName, "KernelLM.sln")))
-                {
-                    return directory.FullName;
-                }
-            }
-        }
-        throw new DirectoryNotFoundException($"no KernelLM.sln above {AppContext.BaseDirectory}; the tests must run from a checkout");
     }
 }

@@ -30,6 +30,17 @@ public sealed class SamplerTests
         return counts.Select(c => c / draws).ToArray();
     }
 
+    /// <summary>The distribution that keeps ids 1, 4, 2 (logits 3.0, 2.5, 2.0) and renormalises.</summary>
+    private static double[] TopThreeRenormalised()
+    {
+        var kept = Softmax([3.0, 2.5, 2.0]);
+        var expected = new double[6];
+        expected[1] = kept[0];
+        expected[4] = kept[1];
+        expected[2] = kept[2];
+        return expected;
+    }
+
     [Test]
     public void Greedy_takes_the_argmax_and_leaves_the_logits_unchanged()
     {
@@ -50,12 +61,7 @@ public sealed class SamplerTests
     public void Top_k_keeps_the_k_most_likely_renormalised()
     {
         var options = new SamplingOptions { Temperature = 1, TopK = 3, TopP = 1, MinP = 0 };
-        var kept = Softmax([3.0, 2.5, 2.0]);
-        var expected = new double[6];
-        expected[1] = kept[0];
-        expected[4] = kept[1];
-        expected[2] = kept[2];
-        Assert.That(Distribution(options, Logits), Is.EqualTo(expected).Within(1e-3));
+        Assert.That(Distribution(options, Logits), Is.EqualTo(TopThreeRenormalised()).Within(1e-3));
     }
 
     [Test]
@@ -65,12 +71,7 @@ public sealed class SamplerTests
         // Sorted: 3.0 (id 1), 2.5 (id 4), 2.0 (id 2), ... ; p = first two's mass + a little needs the third.
         double p = probabilities[1] + probabilities[4] + 0.01;
         var options = new SamplingOptions { Temperature = 1, TopK = 0, TopP = (float)p, MinP = 0 };
-        var kept = Softmax([3.0, 2.5, 2.0]);
-        var expected = new double[6];
-        expected[1] = kept[0];
-        expected[4] = kept[1];
-        expected[2] = kept[2];
-        Assert.That(Distribution(options, Logits), Is.EqualTo(expected).Within(1e-3));
+        Assert.That(Distribution(options, Logits), Is.EqualTo(TopThreeRenormalised()).Within(1e-3));
     }
 
     [Test]
@@ -78,12 +79,7 @@ public sealed class SamplerTests
     {
         // p(2.0) / p(3.0) = e^-1 = 0.37 survives min_p 0.3; p(1.0) / p(3.0) = e^-2 = 0.135 does not.
         var options = new SamplingOptions { Temperature = 1, TopK = 0, TopP = 1, MinP = 0.3f };
-        var kept = Softmax([3.0, 2.5, 2.0]);
-        var expected = new double[6];
-        expected[1] = kept[0];
-        expected[4] = kept[1];
-        expected[2] = kept[2];
-        Assert.That(Distribution(options, Logits), Is.EqualTo(expected).Within(1e-3));
+        Assert.That(Distribution(options, Logits), Is.EqualTo(TopThreeRenormalised()).Within(1e-3));
     }
 
     [Test]

@@ -4,6 +4,7 @@ using KernelLM.Models;
 using KernelLM.Models.Llama;
 using KernelLM.Runtime;
 using KernelLM.Tests.Fixtures;
+using KernelLM.Tests.Support;
 using NUnit.Framework;
 
 namespace KernelLM.Tests.Models;
@@ -16,8 +17,7 @@ public sealed class ModelConfigTests
     [SetUp]
     public void CreateDirectory()
     {
-        _directory = Path.Combine(Path.GetTempPath(), "kernellm-config-" + Guid.NewGuid().ToString("N"));
-        Directory.CreateDirectory(_directory);
+        _directory = TestPaths.NewTemporaryDirectory("config");
     }
 
     [TearDown]
@@ -39,7 +39,7 @@ public sealed class ModelConfigTests
     [Test]
     public void model_config_parses_tiny_stories()
     {
-        var config = ModelConfig.Load(SyntheticModel.TinyStoriesDirectory);
+        var config = ModelConfig.Load(TestPaths.TinyStories);
         using (Assert.EnterMultipleScope())
         {
             Assert.That(config.Architecture, Is.EqualTo(Architecture.Llama));

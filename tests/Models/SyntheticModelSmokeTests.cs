@@ -2,6 +2,7 @@ using KernelLM.Models;
 using KernelLM.Models.Llama;
 using KernelLM.Runtime;
 using KernelLM.Tests.Fixtures;
+using KernelLM.Tests.Support;
 using NUnit.Framework;
 
 namespace KernelLM.Tests.Models;
@@ -18,8 +19,7 @@ public sealed class SyntheticModelSmokeTests
     [SetUp]
     public void CreateDirectory()
     {
-        _directory = Path.Combine(Path.GetTempPath(), "kernellm-smoke-" + Guid.NewGuid().ToString("N"));
-        Directory.CreateDirectory(_directory);
+        _directory = TestPaths.NewTemporaryDirectory("smoke");
     }
 
     [TearDown]

@@ -5,6 +5,7 @@ using KernelLM.Models.Llama;
 using KernelLM.Runtime;
 using KernelLM.Runtime.SafeTensors;
 using KernelLM.Tests.Fixtures;
+using KernelLM.Tests.Support;
 using NUnit.Framework;
 
 namespace KernelLM.Tests.SafeTensors;
@@ -21,8 +22,7 @@ public sealed class SafeTensorsTests
     [SetUp]
     public void CreateDirectory()
     {
-        _directory = Path.Combine(Path.GetTempPath(), "kernellm-safetensors-" + Guid.NewGuid().ToString("N"));
-        Directory.CreateDirectory(_directory);
+        _directory = TestPaths.NewTemporaryDirectory("safetensors");
     }
 
     [TearDown]
@@ -97,7 +97,7 @@ public sealed class SafeTensorsTests
     [Test]
     public void safetensors_reads_the_tiny_stories_checkpoint()
     {
-        using var file = SafeTensorsFile.Open(Path.Combine(SyntheticModel.TinyStoriesDirectory, "model.safetensors"));
+        using var file = SafeTensorsFile.Open(Path.Combine(TestPaths.TinyStories, "model.safetensors"));
         var embedding = file.GetTensor("model.embed_tokens.weight");
         using (Assert.EnterMultipleScope())
         {
