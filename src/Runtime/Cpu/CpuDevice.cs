@@ -104,7 +104,6 @@ public sealed unsafe class CpuDevice : IDisposable
         public override void Execute(int begin, int end, int worker)
         {
             int cols = Weight.Cols;
-            int rows = Weight.Rows;
             float* partial = stackalloc float[4];
             for (int r = begin; r < end; r++)
             {
@@ -116,30 +115,36 @@ public sealed unsafe class CpuDevice : IDisposable
                     TensorPrimitives.ConvertToSingle(new ReadOnlySpan<Half>(row, cols), new Span<float>(widened, cols));
                     row = (byte*)widened;
                 }
-                bool bf16 = Weight.DType == DType.BF16;
-                int t = 0;
-                for (; t + 4 <= Tokens; t += 4)
+                if (Weight.DType == DType.BF16)
                 {
-                    float* x0 = X + (long)t * cols;
-                    if (bf16)
-                    {
-                        CpuKernels.DotBf16x4((ushort*)row, x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols, cols, partial);
-                    }
-                    else
-                    {
-                        CpuKernels.DotF32x4((float*)row, x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols, cols, partial);
-                    }
-                    for (int j = 0; j < 4; j++)
-                    {
-                        Store(Y + (long)(t + j) * rows + r, partial[j] + bias);
-                    }
+                    Row<Bf16Row>(row, r, bias, partial);
                 }
-                for (; t < Tokens; t++)
+                else
                 {
-                    float* xt = X + (long)t * cols;
-                    float dot = bf16 ? CpuKernels.DotBf16((ushort*)row, xt, cols) : CpuKernels.DotF32((float*)row, xt, cols);
-                    Store(Y + (long)t * rows + r, dot + bias);
+                    Row<F32Row>(row, r, bias, partial);
                 }
+            }
+        }
+
+        /// <summary>Output row r for every token: four tokens per pass over the weight row, then the rest.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private void Row<TRow>(byte* row, int r, float bias, float* partial) where TRow : struct, IWeightRow
+        {
+            int cols = Weight.Cols;
+            int rows = Weight.Rows;
+            int t = 0;
+            for (; t + 4 <= Tokens; t += 4)
+            {
+                float* x0 = X + (long)t * cols;
+                CpuKernels.Dot4<TRow>(row, x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols, cols, partial);
+                for (int j = 0; j < 4; j++)
+                {
+                    Store(Y + (long)(t + j) * rows + r, partial[j] + bias);
+                }
+            }
+            for (; t < Tokens; t++)
+            {
+                Store(Y + (long)t * rows + r, CpuKernels.Dot<TRow>(row, X + (long)t * cols, cols) + bias);
             }
         }
 
