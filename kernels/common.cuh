@@ -1,0 +1,146 @@
+// common.cuh — helpers shared by every kernel in kernels/.
+//
+// Header-free on purpose: the NVRTC in CI (11.8) ships no cuda_fp16.h / cuda_bf16.h, so the 16-bit float
+// types are plain 16-bit storage with explicit conversions, and nothing here includes a system header.
+// The same file compiles three ways:
+//   - NVRTC for a real GPU (__CUDA_ARCH__ defined),
+//   - g++ for the emulated device (KERNELLM_EMULATOR defined; the emulator's shim header provides
+//     threadIdx/blockIdx/blockDim/gridDim, __syncthreads, the *_sync warp intrinsics, atomics and the
+//     float/int bit-cast intrinsics before this file is included).
+// Conventions every kernel follows so that both builds behave the same:
+//   - dynamic shared memory only through KLM_DYNAMIC_SHARED(type, name);
+//   - no warp-synchronous code without an explicit *_sync intrinsic or __syncwarp();
+//   - entry points are extern "C" __global__, named <op>_<dtype>[_<variant>];
+//   - accumulation in fp32.
+#pragma once
+
+#ifdef KERNELLM_EMULATOR
+#define KLM_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(klm_dynamic_shared_memory())
+#else
+#define KLM_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) unsigned char klm_dynamic_shared_bytes[]; \
+    type* name = reinterpret_cast<type*>(klm_dynamic_shared_bytes)
+#endif
+
+#define KLM_WARP_SIZE 32
+#define KLM_FULL_MASK 0xffffffffu
+
+typedef unsigned short bf16_t;   // bfloat16 bits: the upper half of an fp32
+typedef unsigned short f16_t;    // IEEE binary16 bits
+
+// ------------------------------------------------------------------ 16-bit float conversions
+
+__device__ __forceinline__ float bf16_to_float(bf16_t value) {
+    return __uint_as_float(((unsigned int)value) << 16);
+}
+
+// Round to nearest even; NaN stays a quiet NaN (as PyTorch and __float2bfloat16_rn).
+__device__ __forceinline__ bf16_t float_to_bf16(float value) {
+    unsigned int bits = __float_as_uint(value);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return (bf16_t)((bits >> 16) | 0x0040u);
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (bf16_t)(bits >> 16);
+}
+
+__device__ __forceinline__ float f16_to_float(f16_t value) {
+#ifdef __CUDA_ARCH__
+    float result;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(result) : "h"(value));
+    return result;
+#else
+    unsigned int sign = ((unsigned int)value & 0x8000u) << 16;
+    unsigned int exponent = ((unsigned int)value >> 10) & 0x1fu;
+    unsigned int mantissa = (unsigned int)value & 0x3ffu;
+    if (exponent == 0x1fu) {
+        return __uint_as_float(sign | 0x7f800000u | (mantissa << 13));
+    }
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            return __uint_as_float(sign);
+        }
+        // Subnormal: value = mantissa * 2^-24, exact in fp32.
+        float magnitude = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -magnitude : magnitude;
+    }
+    return __uint_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
+}
+
+__device__ __forceinline__ f16_t float_to_f16(float value) {
+#ifdef __CUDA_ARCH__
+    unsigned short result;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(result) : "f"(value));
+    return result;
+#else
+    unsigned int bits = __float_as_uint(value);
+    unsigned int sign = (bits >> 16) & 0x8000u;
+    unsigned int magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) {
+        return (f16_t)(sign | 0x7e00u);                      // NaN
+    }
+    if (magnitude >= 0x477ff000u) {
+        return (f16_t)(sign | 0x7c00u);                      // rounds to infinity (>= 65520)
+    }
+    if (magnitude < 0x38800000u) {
+        // Subnormal or zero in f16: round magnitude / 2^-24 to nearest even.
+        float scaled = __uint_as_float(magnitude) * 16777216.0f;  // exact: power-of-two scale
+        unsigned int integer = (unsigned int)scaled;
+        float remainder = scaled - (float)integer;
+        if (remainder > 0.5f || (remainder == 0.5f && (integer & 1u))) {
+            integer++;
+        }
+        return (f16_t)(sign | integer);
+    }
+    unsigned int rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+    return (f16_t)(sign | ((rounded - 0x38000000u) >> 13));
+#endif
+}
+
+// ------------------------------------------------------------------ reductions
+
+__device__ __forceinline__ float warp_reduce_sum(float value) {
+    for (int offset = KLM_WARP_SIZE / 2; offset > 0; offset >>= 1) {
+        value += __shfl_xor_sync(KLM_FULL_MASK, value, offset);
+    }
+    return value;
+}
+
+__device__ __forceinline__ float warp_reduce_max(float value) {
+    for (int offset = KLM_WARP_SIZE / 2; offset > 0; offset >>= 1) {
+        value = fmaxf(value, __shfl_xor_sync(KLM_FULL_MASK, value, offset));
+    }
+    return value;
+}
+
+// Sum over the whole block; every thread gets the result. scratch: at least 32 floats of shared memory.
+// blockDim.x must be a multiple of 32. Ends with a barrier, so scratch can be reused right after.
+__device__ __forceinline__ float block_reduce_sum(float value, float* scratch) {
+    int lane = threadIdx.x % KLM_WARP_SIZE;
+    int warp = threadIdx.x / KLM_WARP_SIZE;
+    int warps = blockDim.x / KLM_WARP_SIZE;
+    value = warp_reduce_sum(value);
+    if (lane == 0) {
+        scratch[warp] = value;
+    }
+    __syncthreads();
+    value = lane < warps ? scratch[lane] : 0.0f;
+    value = warp_reduce_sum(value);
+    __syncthreads();
+    return value;
+}
+
+__device__ __forceinline__ float block_reduce_max(float value, float* scratch) {
+    int lane = threadIdx.x % KLM_WARP_SIZE;
+    int warp = threadIdx.x / KLM_WARP_SIZE;
+    int warps = blockDim.x / KLM_WARP_SIZE;
+    value = warp_reduce_max(value);
+    if (lane == 0) {
+        scratch[warp] = value;
+    }
+    __syncthreads();
+    value = lane < warps ? scratch[lane] : -__int_as_float(0x7f800000);
+    value = warp_reduce_max(value);
+    __syncthreads();
+    return value;
+}
