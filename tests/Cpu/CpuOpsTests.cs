@@ -318,6 +318,53 @@ public sealed unsafe class CpuOpsTests
         Assert.That(job.Counts.All(c => c == 21), Is.True, "the pool still works after a failed job");
     }
 
+    [Test]
+    public void Worker_pool_never_runs_a_job_after_its_dispatch_returned()
+    {
+        // Alternate dispatches of very different sizes: a worker waking late for an earlier dispatch must not
+        // claim items (of a later, larger one) nor run an earlier job once its Run has returned.
+        using var pool = new CpuWorkerPool(3);
+        var small = new ArmedJob(3);
+        var large = new ArmedJob(997);
+        for (int round = 0; round < 4000; round++)
+        {
+            var job = round % 3 == 0 ? large : small;
+            job.Armed = true;
+            pool.Run(job, job.Counts.Length, 1 + round % 5);
+            job.Armed = false;
+        }
+        Assert.Multiple(() =>
+        {
+            Assert.That(small.StaleRuns + large.StaleRuns, Is.Zero, "executions outside their dispatch");
+            Assert.That(small.Counts.Distinct(), Is.EqualTo(new[] { 4000 - 1334 }), "each small item once per dispatch");
+            Assert.That(large.Counts.Distinct(), Is.EqualTo(new[] { 1334 }), "each large item once per dispatch");
+        });
+    }
+
+    private sealed class ArmedJob(int count) : ParallelJob
+    {
+        private int _staleRuns;
+
+        public volatile bool Armed;
+
+        public int[] Counts { get; } = new int[count];
+
+        public int StaleRuns => _staleRuns;
+
+        public override void Execute(int begin, int end, int worker)
+        {
+            if (!Armed || end > Counts.Length)
+            {
+                Interlocked.Increment(ref _staleRuns);
+                return;
+            }
+            for (int i = begin; i < end; i++)
+            {
+                Interlocked.Increment(ref Counts[i]);
+            }
+        }
+    }
+
     private sealed class CountingJob(int count) : ParallelJob
     {
         public int[] Counts { get; } = new int[count];

@@ -87,6 +87,8 @@ public sealed unsafe class CpuDevice : IDisposable
         int grain = work <= SerialWorkLimit
             ? weight.Rows
             : (int)Math.Clamp(ChunkWork / ((long)weight.Cols * tokens), 1, Math.Max(1, weight.Rows / (4 * _pool.ThreadCount)));
+        // Whole blocks of four rows per chunk (the decode kernel's unit).
+        grain = Math.Min(weight.Rows, (grain + 3) & ~3);
         _pool.Run(job, weight.Rows, grain);
         job.Weight = default;
     }
@@ -105,6 +107,19 @@ public sealed unsafe class CpuDevice : IDisposable
         {
             int cols = Weight.Cols;
             float* partial = stackalloc float[4];
+            if (Tokens < 4 && Weight.DType != DType.F16)
+            {
+                // Decode: four weight rows per pass over each activation row.
+                if (Weight.DType == DType.BF16)
+                {
+                    RowBlocks<Bf16Row>(begin, end, partial);
+                }
+                else
+                {
+                    RowBlocks<F32Row>(begin, end, partial);
+                }
+                return;
+            }
             for (int r = begin; r < end; r++)
             {
                 byte* row = Weight.Row(r);
@@ -122,6 +137,32 @@ public sealed unsafe class CpuDevice : IDisposable
                 else
                 {
                     Row<F32Row>(row, r, bias, partial);
+                }
+            }
+        }
+
+        /// <summary>Rows [begin, end) for each of the (fewer than four) tokens, four rows per kernel call.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private void RowBlocks<TRow>(int begin, int end, float* partial) where TRow : struct, IWeightRow
+        {
+            int cols = Weight.Cols;
+            int rows = Weight.Rows;
+            for (int t = 0; t < Tokens; t++)
+            {
+                float* x = X + (long)t * cols;
+                float* y = Y + (long)t * rows;
+                int r = begin;
+                for (; r + 4 <= end; r += 4)
+                {
+                    CpuKernels.Dot4Rows<TRow>(Weight.Row(r), Weight.Row(r + 1), Weight.Row(r + 2), Weight.Row(r + 3), x, cols, partial);
+                    for (int j = 0; j < 4; j++)
+                    {
+                        Store(y + r + j, partial[j] + (Bias == null ? 0f : Bias[r + j]));
+                    }
+                }
+                for (; r < end; r++)
+                {
+                    Store(y + r, CpuKernels.Dot<TRow>(Weight.Row(r), x, cols) + (Bias == null ? 0f : Bias[r]));
                 }
             }
         }

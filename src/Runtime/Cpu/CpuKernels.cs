@@ -118,4 +118,54 @@ internal static unsafe class CpuKernels
         result[2] = s2;
         result[3] = s3;
     }
+
+    /// <summary>Four weight rows against one activation row: result[j] = w_j . x. The activation vector is
+    /// loaded once for four rows, which halves the loads of a decode GEMV whose input no longer fits in L1
+    /// (down_proj: 8192 fp32 = 32 KB).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void Dot4Rows<TRow>(byte* w0, byte* w1, byte* w2, byte* w3, float* x, int n, float* result) where TRow : struct, IWeightRow
+    {
+        int c = 0;
+        var a0 = Vector256<float>.Zero;
+        var a1 = Vector256<float>.Zero;
+        var a2 = Vector256<float>.Zero;
+        var a3 = Vector256<float>.Zero;
+        var b0 = Vector256<float>.Zero;
+        var b1 = Vector256<float>.Zero;
+        var b2 = Vector256<float>.Zero;
+        var b3 = Vector256<float>.Zero;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            for (; c <= n - 16; c += 16)
+            {
+                var xl = Vector256.Load(x + c);
+                var xu = Vector256.Load(x + c + 8);
+                var (l0, u0) = TRow.Load16(w0, c);
+                var (l1, u1) = TRow.Load16(w1, c);
+                var (l2, u2) = TRow.Load16(w2, c);
+                var (l3, u3) = TRow.Load16(w3, c);
+                a0 = Fma(l0, xl, a0);
+                b0 = Fma(u0, xu, b0);
+                a1 = Fma(l1, xl, a1);
+                b1 = Fma(u1, xu, b1);
+                a2 = Fma(l2, xl, a2);
+                b2 = Fma(u2, xu, b2);
+                a3 = Fma(l3, xl, a3);
+                b3 = Fma(u3, xu, b3);
+            }
+        }
+        float s0 = Vector256.Sum(a0 + b0), s1 = Vector256.Sum(a1 + b1), s2 = Vector256.Sum(a2 + b2), s3 = Vector256.Sum(a3 + b3);
+        for (; c < n; c++)
+        {
+            float xc = x[c];
+            s0 += TRow.Load1(w0, c) * xc;
+            s1 += TRow.Load1(w1, c) * xc;
+            s2 += TRow.Load1(w2, c) * xc;
+            s3 += TRow.Load1(w3, c) * xc;
+        }
+        result[0] = s0;
+        result[1] = s1;
+        result[2] = s2;
+        result[3] = s3;
+    }
 }

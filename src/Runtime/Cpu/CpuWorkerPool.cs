@@ -13,6 +13,13 @@ public abstract class ParallelJob
 /// A fixed set of worker threads that split a job's index range in chunks of <c>grain</c> items, the
 /// caller's thread taking part. Unlike <c>Parallel.For</c> it allocates nothing per dispatch, which keeps
 /// the decode loop allocation-free. Dispatches from different threads are serialised.
+///
+/// A dispatch ends when all its items are done, not when every worker has checked in: a worker that wakes
+/// late (its core was busy) finds the dispatch's ticket stale and does nothing, so one descheduled thread
+/// cannot stall the decode loop. The ticket packs the dispatch's generation (high 32 bits) with the next
+/// item index (low 32 bits); a chunk is claimed by compare-and-swap on the whole ticket, so a stale worker
+/// can never claim items of a later dispatch with an earlier job; a finished dispatch's ticket is retired
+/// (its index set to int.MaxValue) before the next dispatch's fields are written.
 /// </summary>
 public sealed class CpuWorkerPool : IDisposable
 {
@@ -24,9 +31,9 @@ public sealed class CpuWorkerPool : IDisposable
     private ParallelJob? _job;
     private int _count;
     private int _grain;
-    private int _next;
-    private int _remaining;
-    private long _generation;
+    private long _ticket;
+    private int _completed;
+    private int _generation;
     private volatile bool _disposed;
     private Exception? _error;
 
@@ -65,21 +72,26 @@ public sealed class CpuWorkerPool : IDisposable
             _job = job;
             _count = count;
             _grain = grain;
-            _next = 0;
             _error = null;
-            Volatile.Write(ref _remaining, _threads.Length);
+            Volatile.Write(ref _completed, 0);
+            int generation;
             lock (_gate)
             {
-                _generation++;
+                generation = ++_generation;
+                Volatile.Write(ref _ticket, (long)generation << 32);
                 Monitor.PulseAll(_gate);
             }
-            Drain(0);
+            Drain(generation, 0);
             var spin = new SpinWait();
-            while (Volatile.Read(ref _remaining) != 0)
+            while (Volatile.Read(ref _completed) < count)
             {
                 spin.SpinOnce(sleep1Threshold: -1);
             }
-            _job = null;
+            // Retire the ticket before the next dispatch rewrites _count, _grain and _job: a worker still
+            // holding this generation's last ticket value then fails its compare-and-swap instead of
+            // claiming "items" of a later, larger dispatch with this one's bookkeeping.
+            Volatile.Write(ref _ticket, ((long)generation << 32) | int.MaxValue);
+            Volatile.Write(ref _job, null);
             if (_error is { } error)
             {
                 ExceptionDispatchInfo.Throw(error);
@@ -87,32 +99,38 @@ public sealed class CpuWorkerPool : IDisposable
         }
     }
 
-    private void Drain(int worker)
+    /// <summary>Claims and runs chunks of dispatch <paramref name="generation"/> until none is left.</summary>
+    private void Drain(int generation, int worker)
     {
-        var job = _job!;
-        int count = _count;
-        int grain = _grain;
-        try
+        while (true)
         {
-            while (true)
+            long ticket = Volatile.Read(ref _ticket);
+            int begin = (int)(ticket & 0xffffffff);
+            if ((int)(ticket >> 32) != generation || begin >= _count)
             {
-                int begin = Interlocked.Add(ref _next, grain) - grain;
-                if (begin >= count)
-                {
-                    break;
-                }
-                job.Execute(begin, Math.Min(begin + grain, count), worker);
+                return;
             }
-        }
-        catch (Exception error)
-        {
-            Interlocked.CompareExchange(ref _error, error, null);
+            int end = Math.Min(begin + _grain, _count);
+            if (Interlocked.CompareExchange(ref _ticket, ((long)generation << 32) | (uint)end, ticket) != ticket)
+            {
+                continue;
+            }
+            // Claimed: the dispatch cannot finish (and _job cannot change) before these items complete.
+            try
+            {
+                Volatile.Read(ref _job)!.Execute(begin, end, worker);
+            }
+            catch (Exception error)
+            {
+                Interlocked.CompareExchange(ref _error, error, null);
+            }
+            Interlocked.Add(ref _completed, end - begin);
         }
     }
 
     private void WorkerLoop(int worker)
     {
-        long seen = 0;
+        int seen = 0;
         while (true)
         {
             // Spin briefly before sleeping: consecutive layers dispatch within microseconds of each other.
@@ -132,8 +150,7 @@ public sealed class CpuWorkerPool : IDisposable
                 }
                 seen = _generation;
             }
-            Drain(worker);
-            Interlocked.Decrement(ref _remaining);
+            Drain(seen, worker);
         }
     }
 

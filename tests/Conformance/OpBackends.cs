@@ -1,0 +1,228 @@
+using KernelLM.Runtime;
+using KernelLM.Runtime.Cpu;
+using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Ops;
+
+namespace KernelLM.Tests.Conformance;
+
+/// <summary>
+/// One device as the conformance suite sees it: every op on host arrays in, host arrays out. Inputs are
+/// given as fp32 values already representable in the op's dtype; outputs come back widened to fp32.
+/// </summary>
+public abstract class OpBackend : IDisposable
+{
+    public abstract string Name { get; }
+
+    public abstract float[] Embedding(DType tableDType, float[] table, int rows, int cols, int[] ids);
+
+    public abstract float[] RmsNorm(DType dtype, float[] x, float[] weight, float epsilon);
+
+    public abstract float[] Rope(DType dtype, float[] x, int heads, int headDim, int start, float[] inverseFrequencies);
+
+    public abstract float[] SiluMultiply(DType dtype, float[] gate, float[] up);
+
+    public abstract float[] Add(DType dtype, float[] y, float[] x);
+
+    public abstract float[] Convert(DType from, DType to, float[] x);
+
+    public abstract int[] Argmax(DType dtype, float[] x, int cols);
+
+    public void Dispose()
+    {
+        Dispose(disposing: true);
+        GC.SuppressFinalize(this);
+    }
+
+    protected virtual void Dispose(bool disposing)
+    {
+    }
+
+    /// <summary>Rounds fp32 values to what the dtype can hold (the inputs every device sees).</summary>
+    public static float[] Representable(DType dtype, float[] values) => dtype switch
+    {
+        DType.F32 => values,
+        DType.BF16 => values.Select(v => BFloat16.ToSingle(BFloat16.FromSingle(v))).ToArray(),
+        DType.F16 => values.Select(v => (float)(Half)v).ToArray(),
+        _ => throw new ArgumentException($"no activations in {dtype}"),
+    };
+
+    public static byte[] Encode(DType dtype, float[] values)
+    {
+        switch (dtype)
+        {
+            case DType.F32:
+            {
+                var bytes = new byte[values.Length * 4];
+                Buffer.BlockCopy(values, 0, bytes, 0, bytes.Length);
+                return bytes;
+            }
+            case DType.BF16:
+                return values.SelectMany(v => BitConverter.GetBytes(BFloat16.FromSingle(v))).ToArray();
+            case DType.F16:
+                return values.SelectMany(v => BitConverter.GetBytes((Half)v)).ToArray();
+            default:
+                throw new ArgumentException($"cannot encode {dtype}");
+        }
+    }
+
+    public static float[] Decode(DType dtype, byte[] bytes) => dtype switch
+    {
+        DType.F32 => Enumerable.Range(0, bytes.Length / 4).Select(i => BitConverter.ToSingle(bytes, i * 4)).ToArray(),
+        DType.BF16 => Enumerable.Range(0, bytes.Length / 2).Select(i => BFloat16.ToSingle(BitConverter.ToUInt16(bytes, i * 2))).ToArray(),
+        DType.F16 => Enumerable.Range(0, bytes.Length / 2).Select(i => (float)BitConverter.ToHalf(bytes, i * 2)).ToArray(),
+        _ => throw new ArgumentException($"cannot decode {dtype}"),
+    };
+}
+
+/// <summary>The CPU device: the engine's own CPU ops (fp32 activations).</summary>
+public sealed unsafe class CpuOpBackend : OpBackend
+{
+    public override string Name => "cpu";
+
+    public override float[] Embedding(DType tableDType, float[] table, int rows, int cols, int[] ids)
+    {
+        byte[] bytes = Encode(tableDType, table);
+        var output = new float[ids.Length * cols];
+        fixed (byte* data = bytes)
+        {
+            var matrix = new WeightMatrix("table", tableDType, rows, cols, data);
+            for (int t = 0; t < ids.Length; t++)
+            {
+                CpuDevice.Embedding(matrix, ids[t], output.AsSpan(t * cols, cols));
+            }
+        }
+        return output;
+    }
+
+    public override float[] RmsNorm(DType dtype, float[] x, float[] weight, float epsilon)
+    {
+        var y = new float[x.Length];
+        CpuDevice.RmsNorm(x, weight, epsilon, y, x.Length / weight.Length);
+        return y;
+    }
+
+    public override float[] Rope(DType dtype, float[] x, int heads, int headDim, int start, float[] inverseFrequencies)
+    {
+        int half = headDim / 2;
+        int tokens = x.Length / (heads * headDim);
+        var cos = new float[(start + tokens) * half];
+        var sin = new float[(start + tokens) * half];
+        for (int p = 0; p < start + tokens; p++)
+        {
+            for (int i = 0; i < half; i++)
+            {
+                float angle = p * inverseFrequencies[i];
+                cos[p * half + i] = (float)Math.Cos(angle);
+                sin[p * half + i] = (float)Math.Sin(angle);
+            }
+        }
+        var y = (float[])x.Clone();
+        CpuDevice.Rope(y, tokens, heads, headDim, start, cos, sin);
+        return y;
+    }
+
+    public override float[] SiluMultiply(DType dtype, float[] gate, float[] up)
+    {
+        var result = (float[])gate.Clone();
+        CpuDevice.SiluMultiply(result, up, new float[gate.Length]);
+        return result;
+    }
+
+    public override float[] Add(DType dtype, float[] y, float[] x)
+    {
+        var result = new float[y.Length];
+        System.Numerics.Tensors.TensorPrimitives.Add(y, x, result);
+        return result;
+    }
+
+    public override float[] Convert(DType from, DType to, float[] x) => Representable(to, Representable(from, x));
+
+    public override int[] Argmax(DType dtype, float[] x, int cols) =>
+        Enumerable.Range(0, x.Length / cols).Select(r => System.Numerics.Tensors.TensorPrimitives.IndexOfMax(x.AsSpan(r * cols, cols))).ToArray();
+}
+
+/// <summary>A CUDA device (emulated or real) through the kernel library and the op entries.</summary>
+public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
+{
+    public CudaDevice Device => device;
+
+    public override string Name => name;
+
+    private DeviceTensor Upload(string tensorName, DType dtype, float[] values, params int[] shape)
+    {
+        var tensor = device.Allocate(tensorName, dtype, shape);
+        tensor.Upload<byte>(Encode(dtype, values));
+        return tensor;
+    }
+
+    private static float[] Read(DeviceTensor tensor) => Decode(tensor.DType, tensor.Download<byte>());
+
+    public override float[] Embedding(DType tableDType, float[] table, int rows, int cols, int[] ids)
+    {
+        using var tableTensor = Upload("table", tableDType, table, rows, cols);
+        using var idTensor = device.Allocate("ids", DType.I32, ids.Length);
+        idTensor.Upload<int>(ids);
+        using var output = device.Allocate("out", DType.F32, ids.Length, cols);
+        CudaOps.Embedding(device, tableTensor, idTensor, output);
+        return Read(output);
+    }
+
+    public override float[] RmsNorm(DType dtype, float[] x, float[] weight, float epsilon)
+    {
+        int rows = x.Length / weight.Length;
+        using var input = Upload("x", dtype, x, rows, weight.Length);
+        using var weightTensor = Upload("weight", DType.F32, weight, weight.Length);
+        using var output = device.Allocate("y", dtype, rows, weight.Length);
+        CudaOps.RmsNorm(device, input, weightTensor, epsilon, output);
+        return Read(output);
+    }
+
+    public override float[] Rope(DType dtype, float[] x, int heads, int headDim, int start, float[] inverseFrequencies)
+    {
+        using var tensor = Upload("x", dtype, x, x.Length / (heads * headDim), heads, headDim);
+        using var frequencies = Upload("inv_freq", DType.F32, inverseFrequencies, inverseFrequencies.Length);
+        CudaOps.Rope(device, tensor, heads, frequencies, start);
+        return Read(tensor);
+    }
+
+    public override float[] SiluMultiply(DType dtype, float[] gate, float[] up)
+    {
+        using var gateTensor = Upload("gate", dtype, gate, gate.Length);
+        using var upTensor = Upload("up", dtype, up, up.Length);
+        CudaOps.SiluMultiply(device, gateTensor, upTensor);
+        return Read(gateTensor);
+    }
+
+    public override float[] Add(DType dtype, float[] y, float[] x)
+    {
+        using var yTensor = Upload("y", dtype, y, y.Length);
+        using var xTensor = Upload("x", dtype, x, x.Length);
+        CudaOps.Add(device, yTensor, xTensor);
+        return Read(yTensor);
+    }
+
+    public override float[] Convert(DType from, DType to, float[] x)
+    {
+        using var input = Upload("x", from, x, x.Length);
+        using var output = device.Allocate("y", to, x.Length);
+        CudaOps.Convert(device, input, output);
+        return Read(output);
+    }
+
+    public override int[] Argmax(DType dtype, float[] x, int cols)
+    {
+        using var input = Upload("x", dtype, x, x.Length / cols, cols);
+        using var output = device.Allocate("out", DType.I32, x.Length / cols);
+        CudaOps.Argmax(device, input, cols, output);
+        return output.Download<int>();
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            device.Dispose();
+        }
+        base.Dispose(disposing);
+    }
+}
