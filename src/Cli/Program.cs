@@ -10,7 +10,7 @@ using Spectre.Console;
 
 namespace KernelLM.Cli;
 
-/// <summary>The `kernellm` command: run, generate, info, score.</summary>
+/// <summary>The `kernellm` command: run, generate, info, score, doctor.</summary>
 public static class Program
 {
     public const string DefaultPrompt = "Once upon a time";
@@ -27,6 +27,7 @@ public static class Program
         root.Subcommands.Add(GenerateCommand("generate", "Generate text from a Hugging Face model folder.", embeddedDefault: false, output, errors));
         root.Subcommands.Add(InfoCommand(output, errors));
         root.Subcommands.Add(ScoreCommand(output, errors));
+        root.Subcommands.Add(DoctorCommand.Create(output));
         return root;
     }
 

@@ -12,8 +12,12 @@ public static partial class KernelSources
 {
     private const string Prefix = "kernels/";
     private static readonly Lazy<KernelSource[]> s_all = new(Load);
+    private static readonly Lazy<IReadOnlyDictionary<string, string>> s_headers = new(() => ReadResources(".cuh"));
 
     public static IReadOnlyList<KernelSource> All => s_all.Value;
+
+    /// <summary>Every embedded header (`common.cuh`, ...) by file name: what each source's <see cref="KernelSource.Headers"/> holds.</summary>
+    public static IReadOnlyDictionary<string, string> Headers => s_headers.Value;
 
     public static KernelSource Get(string fileName) =>
         All.FirstOrDefault(source => source.FileName == fileName)
@@ -26,21 +30,23 @@ public static partial class KernelSources
     public static IReadOnlyList<string> FindEntryPoints(string text) =>
         EntryPoint().Matches(text).Select(match => match.Groups[1].Value).ToArray();
 
-    private static KernelSource[] Load()
+    private static KernelSource[] Load() =>
+        ReadResources(".cu")
+            .OrderBy(pair => pair.Key, StringComparer.Ordinal)
+            .Select(pair => new KernelSource(pair.Key, pair.Value, Headers) { EntryPoints = FindEntryPoints(pair.Value) })
+            .ToArray();
+
+    private static Dictionary<string, string> ReadResources(string extension)
     {
         var assembly = typeof(KernelSources).Assembly;
         var texts = new Dictionary<string, string>(StringComparer.Ordinal);
-        foreach (string resource in assembly.GetManifestResourceNames().Where(name => name.StartsWith(Prefix, StringComparison.Ordinal)))
+        foreach (string resource in assembly.GetManifestResourceNames()
+            .Where(name => name.StartsWith(Prefix, StringComparison.Ordinal) && name.EndsWith(extension, StringComparison.Ordinal)))
         {
             using var stream = assembly.GetManifestResourceStream(resource)!;
             using var reader = new StreamReader(stream);
             texts[resource[Prefix.Length..]] = reader.ReadToEnd();
         }
-        var headers = texts.Where(pair => pair.Key.EndsWith(".cuh", StringComparison.Ordinal))
-            .ToDictionary(pair => pair.Key, pair => pair.Value, StringComparer.Ordinal);
-        return texts.Where(pair => pair.Key.EndsWith(".cu", StringComparison.Ordinal))
-            .OrderBy(pair => pair.Key, StringComparer.Ordinal)
-            .Select(pair => new KernelSource(pair.Key, pair.Value, headers) { EntryPoints = FindEntryPoints(pair.Value) })
-            .ToArray();
+        return texts;
     }
 }
