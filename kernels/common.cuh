@@ -24,34 +24,39 @@
 #define KLM_WARP_SIZE 32
 #define KLM_FULL_MASK 0xffffffffu
 
-typedef unsigned short bf16_t;   // bfloat16 bits: the upper half of an fp32
-typedef unsigned short f16_t;    // IEEE binary16 bits
+// Distinct 2-byte storage types (not typedefs of one integer) so that kernels can be templates over the
+// element type and overloads pick the right conversion.
+struct __align__(2) bf16_t { unsigned short bits; };   // bfloat16: the upper half of an fp32
+struct __align__(2) f16_t { unsigned short bits; };    // IEEE binary16
 
 // ------------------------------------------------------------------ 16-bit float conversions
 
 __device__ __forceinline__ float bf16_to_float(bf16_t value) {
-    return __uint_as_float(((unsigned int)value) << 16);
+    return __uint_as_float(((unsigned int)value.bits) << 16);
 }
 
 // Round to nearest even; NaN stays a quiet NaN (as PyTorch and __float2bfloat16_rn).
 __device__ __forceinline__ bf16_t float_to_bf16(float value) {
     unsigned int bits = __float_as_uint(value);
+    bf16_t result;
     if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        return (bf16_t)((bits >> 16) | 0x0040u);
+        result.bits = (unsigned short)((bits >> 16) | 0x0040u);
+        return result;
     }
     bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (bf16_t)(bits >> 16);
+    result.bits = (unsigned short)(bits >> 16);
+    return result;
 }
 
 __device__ __forceinline__ float f16_to_float(f16_t value) {
 #ifdef __CUDA_ARCH__
     float result;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(result) : "h"(value));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(result) : "h"(value.bits));
     return result;
 #else
-    unsigned int sign = ((unsigned int)value & 0x8000u) << 16;
-    unsigned int exponent = ((unsigned int)value >> 10) & 0x1fu;
-    unsigned int mantissa = (unsigned int)value & 0x3ffu;
+    unsigned int sign = ((unsigned int)value.bits & 0x8000u) << 16;
+    unsigned int exponent = ((unsigned int)value.bits >> 10) & 0x1fu;
+    unsigned int mantissa = (unsigned int)value.bits & 0x3ffu;
     if (exponent == 0x1fu) {
         return __uint_as_float(sign | 0x7f800000u | (mantissa << 13));
     }
@@ -68,19 +73,21 @@ __device__ __forceinline__ float f16_to_float(f16_t value) {
 }
 
 __device__ __forceinline__ f16_t float_to_f16(float value) {
+    f16_t result;
 #ifdef __CUDA_ARCH__
-    unsigned short result;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(result) : "f"(value));
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(result.bits) : "f"(value));
     return result;
 #else
     unsigned int bits = __float_as_uint(value);
     unsigned int sign = (bits >> 16) & 0x8000u;
     unsigned int magnitude = bits & 0x7fffffffu;
     if (magnitude > 0x7f800000u) {
-        return (f16_t)(sign | 0x7e00u);                      // NaN
+        result.bits = (unsigned short)(sign | 0x7e00u);      // NaN
+        return result;
     }
     if (magnitude >= 0x477ff000u) {
-        return (f16_t)(sign | 0x7c00u);                      // rounds to infinity (>= 65520)
+        result.bits = (unsigned short)(sign | 0x7c00u);      // rounds to infinity (>= 65520)
+        return result;
     }
     if (magnitude < 0x38800000u) {
         // Subnormal or zero in f16: round magnitude / 2^-24 to nearest even.
@@ -90,12 +97,27 @@ __device__ __forceinline__ f16_t float_to_f16(float value) {
         if (remainder > 0.5f || (remainder == 0.5f && (integer & 1u))) {
             integer++;
         }
-        return (f16_t)(sign | integer);
+        result.bits = (unsigned short)(sign | integer);
+        return result;
     }
     unsigned int rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
-    return (f16_t)(sign | ((rounded - 0x38000000u) >> 13));
+    result.bits = (unsigned short)(sign | ((rounded - 0x38000000u) >> 13));
+    return result;
 #endif
 }
+
+// Overloads for kernels templated over the element type: to_float(x) widens, from_float<T>(f) narrows.
+__device__ __forceinline__ float to_float(float value) { return value; }
+__device__ __forceinline__ float to_float(bf16_t value) { return bf16_to_float(value); }
+__device__ __forceinline__ float to_float(f16_t value) { return f16_to_float(value); }
+
+template <typename T> __device__ __forceinline__ T from_float(float value);
+template <> __device__ __forceinline__ float from_float<float>(float value) { return value; }
+template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float value) { return float_to_bf16(value); }
+template <> __device__ __forceinline__ f16_t from_float<f16_t>(float value) { return float_to_f16(value); }
+
+// A quiet NaN, written where an input is invalid (an id out of range) so the fault is visible downstream.
+__device__ __forceinline__ float klm_nan() { return __int_as_float(0x7fc00000); }
 
 // ------------------------------------------------------------------ reductions
 

@@ -41,13 +41,15 @@ public sealed record NvrtcInfo(int Major, int Minor, IReadOnlyList<int> Supporte
 /// Compiles kernel files with NVRTC; needs no GPU (CI compiles every kernel for sm_80 and sm_90 with it).
 /// Options: `-arch=sm_XY` (a CUBIN) or `-arch=compute_XY` (PTX the driver JIT-compiles), `-std=c++17`,
 /// `-default-device` (undecorated helpers are device functions), `-lineinfo` (source lines for profilers and
-/// compute-sanitizer; no effect on the code), and `--ptxas-options=-v` when verbose. Fast math stays off
+/// compute-sanitizer; no effect on the code) from NVRTC 12 on, and `--ptxas-options=-v` when verbose.
+/// NVRTC 11.8 (CI's) crashes the process (SIGSEGV inside nvrtcCompileProgram) on `-lineinfo` with
+/// `-arch=sm_90` for some of our kernels (add.cu, argmax.cu, convert.cu, silu_mul.cu), so it is not passed there. Fast math stays off
 /// (NVRTC's default; NVRTC has no `--use_fast_math=false` spelling): softmax, norms and entropies are checked
 /// against fp64 references. Headers (`common.cuh`) are passed in memory by name; no include path is searched.
 /// </summary>
 public static partial class NvrtcCompiler
 {
-    public static IReadOnlyList<string> BaseOptions { get; } = ["-std=c++17", "-default-device", "-lineinfo"];
+    public static IReadOnlyList<string> BaseOptions { get; } = ["-std=c++17", "-default-device"];
 
     /// <summary>How to get NVRTC on a machine without it (part of the error when it is missing).</summary>
     public const string InstallHint =
@@ -85,6 +87,10 @@ public static partial class NvrtcCompiler
         var kind = KindOf(arch);
         var options = new List<string> { $"-arch={arch}" };
         options.AddRange(BaseOptions);
+        if (Info.Major >= 12)
+        {
+            options.Add("-lineinfo");
+        }
         if (verbose && kind == KernelImageKind.Cubin)
         {
             options.Add("--ptxas-options=-v");   // ptxas runs only for real architectures; with PTX there is nothing to report
