@@ -1,4 +1,8 @@
 using KernelLM.Runtime;
+using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Driver;
+using KernelLM.Runtime.Cuda.Emulator;
+using KernelLM.Tests.Cuda;
 
 namespace KernelLM.Tests.Conformance;
 
@@ -46,15 +50,14 @@ internal static class ConformanceDevices
         }
     }
 
-    private static OpBackend Emulated()
-    {
-        Assert.Ignore("WIP: emulator backend not merged yet");
-        return null!;
-    }
+    /// <summary>The emulated CUDA device: every kernels/*.cu compiled by g++ with the CUDA shim and executed on
+    /// CPU threads, with guard regions checked after each launch.</summary>
+    private static CudaOpBackend Emulated() => new CudaOpBackend("cuda-emulated", new CudaDevice(new EmulatorBackend()));
 
-    private static OpBackend RealOrIgnore()
+    /// <summary>The real GPU (kernels compiled by NVRTC for its architecture), or an ignored case saying why not.</summary>
+    private static CudaOpBackend RealOrIgnore()
     {
-        Assert.Ignore("WIP: driver backend not merged yet");
-        return null!;
+        CudaTestSupport.RequireDevice();
+        return new CudaOpBackend("cuda", new CudaDevice(new DriverBackend()));
     }
 }

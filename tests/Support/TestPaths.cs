@@ -3,16 +3,26 @@ namespace KernelLM.Tests.Support;
 /// <summary>Where the repository's fixtures are, found by walking up from the test binaries to KernelLM.sln.</summary>
 public static class TestPaths
 {
+    /// <summary>KERNELLM_REPOSITORY_ROOT, else the first folder holding KernelLM.sln above the test binaries or the
+    /// working directory (the self-contained suite on the GPU machine runs extracted to a temporary folder).</summary>
     private static readonly Lazy<string> s_root = new(() =>
     {
-        for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
+        string? configured = Environment.GetEnvironmentVariable("KERNELLM_REPOSITORY_ROOT");
+        if (!string.IsNullOrEmpty(configured))
         {
-            if (File.Exists(Path.Combine(directory.FullName, "KernelLM.sln")))
+            return Path.GetFullPath(configured);
+        }
+        foreach (string start in new[] { AppContext.BaseDirectory, Environment.CurrentDirectory })
+        {
+            for (var directory = new DirectoryInfo(start); directory is not null; directory = directory.Parent)
             {
-                return directory.FullName;
+                if (File.Exists(Path.Combine(directory.FullName, "KernelLM.sln")))
+                {
+                    return directory.FullName;
+                }
             }
         }
-        throw new InvalidOperationException($"KernelLM.sln not found above {AppContext.BaseDirectory}");
+        throw new InvalidOperationException($"KernelLM.sln not found above {AppContext.BaseDirectory} or {Environment.CurrentDirectory}; set KERNELLM_REPOSITORY_ROOT");
     });
 
     public static string RepositoryRoot => s_root.Value;
