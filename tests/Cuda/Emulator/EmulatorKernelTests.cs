@@ -138,8 +138,10 @@ public sealed class EmulatorKernelTests
         extern "C" __global__ void widen(const unsigned short* bits, float* from_bf16, float* from_f16, int n) {
             int i = blockIdx.x * blockDim.x + threadIdx.x;
             if (i < n) {
-                from_bf16[i] = bf16_to_float(bits[i]);
-                from_f16[i] = f16_to_float(bits[i]);
+                bf16_t b = { bits[i] };
+                f16_t h = { bits[i] };
+                from_bf16[i] = bf16_to_float(b);
+                from_f16[i] = f16_to_float(h);
             }
         }
 
