@@ -44,7 +44,6 @@ Task("Test")
         Configuration = configuration,
         NoBuild = true,
         NoRestore = true,
-        Loggers = new[] { "console;verbosity=normal" },
     });
 });
 
