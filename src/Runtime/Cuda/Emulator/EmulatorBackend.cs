@@ -20,7 +20,7 @@ namespace KernelLM.Runtime.Cuda.Emulator;
 public sealed unsafe partial class EmulatorBackend : ICudaBackend
 {
     private const int MaxThreadsPerBlock = 1024;
-    private const uint MaxLaunchId = 1023;   // the shadow keeps 10 bits of launch id
+    private const uint MaxLaunchId = 1022;   // the shadow keeps 10 bits of launch id; 1023 marks poison
 
     private readonly Lock _lock = new();
     private readonly EmulatorOptions _options;
@@ -234,6 +234,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         nint staticShared;
         ulong staticSharedBytes;
         ((delegate* unmanaged<nint*, ulong*, void>)NativeLibrary.GetExport(handle, "klm_module_static_shared"))(&staticShared, &staticSharedBytes);
+        nint enter = NativeLibrary.GetExport(handle, "klm_module_enter");
         var bounds = EmulatorModule.LaunchBounds(source.Text);
         var functions = new Dictionary<string, nint>(StringComparer.Ordinal);
         var module = new EmulatorModule(source, library.Path, library.FromCache, functions);
@@ -243,7 +244,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             for (int i = 0; i < count; i++)
             {
                 string name = KlmFault.Text(table[i].Name);
-                _kernels.Add(new EmulatedKernel(module, name, table[i].Thunk, table[i].ParameterCount,
+                _kernels.Add(new EmulatedKernel(module, name, table[i].Thunk, enter, table[i].ParameterCount,
                     bounds.TryGetValue(name, out int limit) ? limit : null, staticShared, staticSharedBytes));
                 functions[name] = _kernels.Count;   // the handle: 1-based index
             }
@@ -273,8 +274,10 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             {
                 Device = _device.DangerousGetHandle(),
                 Thunk = kernel.Thunk,
+                Enter = kernel.Enter,
                 DynamicSharedBytes = (uint)dynamicSharedBytes,
                 LaunchId = _launchId,
+                DeviceUsedBytes = (ulong)_heap.HighWater,
                 StaticShared = kernel.StaticShared,
                 StaticSharedBytes = kernel.StaticSharedBytes,
                 Parallelism = _options.Threads,

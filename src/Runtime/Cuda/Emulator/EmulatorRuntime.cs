@@ -62,12 +62,14 @@ internal unsafe struct KlmLaunchDesc
 {
     public nint Device;
     public nint Thunk;
+    public nint Enter;
     public nint KernelName;
     public fixed uint Grid[3];
     public fixed uint Block[3];
     public uint DynamicSharedBytes;
     public uint LaunchId;
     public nint Params;
+    public ulong DeviceUsedBytes;
     public nint StaticShared;
     public ulong StaticSharedBytes;
     public int Parallelism;

@@ -457,6 +457,14 @@ __attribute__((visibility("default"), no_sanitize_thread)) void klm_module_stati
 }
 }
 
+// Lanes of a warp share one OS thread (they are fibers): the runtime calls this before resuming a lane.
+extern "C" __attribute__((visibility("default"), no_sanitize_thread)) void klm_module_enter(const klm_thread_info* info) {
+    threadIdx = uint3{info->thread[0], info->thread[1], info->thread[2]};
+    blockIdx = uint3{info->block[0], info->block[1], info->block[2]};
+    blockDim = dim3(info->block_dim[0], info->block_dim[1], info->block_dim[2]);
+    gridDim = dim3(info->grid_dim[0], info->grid_dim[1], info->grid_dim[2]);
+}
+
 namespace klm_registration {
 template <int... I> struct indices {};
 template <int N> using make_indices = indices<__integer_pack(N)...>;
@@ -469,10 +477,7 @@ template <class... A> struct traits<void (*)(A...)> {
 };
 // cuLaunchKernel-style arguments (one pointer per argument, pointing at its value) to a typed call.
 template <auto Kernel> void thunk(void** params, const klm_thread_info* info) {
-    threadIdx = uint3{info->thread[0], info->thread[1], info->thread[2]};
-    blockIdx = uint3{info->block[0], info->block[1], info->block[2]};
-    blockDim = dim3(info->block_dim[0], info->block_dim[1], info->block_dim[2]);
-    gridDim = dim3(info->grid_dim[0], info->grid_dim[1], info->grid_dim[2]);
+    klm_module_enter(info);
     using T = traits<decltype(Kernel)>;
     T::call(Kernel, params, make_indices<T::count>{});
 }
