@@ -25,6 +25,17 @@ public sealed class EmulatorBackendTests
         extern "C" __global__ __launch_bounds__(128) void bounded(float* y) {
             y[threadIdx.x] = 1.0f;
         }
+
+        extern "C" __global__ void write_from_block(float* y, int block) {
+            if (blockIdx.x == block) {
+                y[threadIdx.x] = (float)block;
+            }
+        }
+
+        extern "C" __global__ void spin_until_set(volatile int* flag) {
+            while (flag[0] == 0) {
+            }
+        }
         """;
 
     private EmulatorBackend _device = null!;
@@ -190,6 +201,33 @@ public sealed class EmulatorBackendTests
         Assert.That(missing.Message, Does.Contain("backend_tests.cu").And.Contain("scale, bounded"));
         var handle = Assert.Throws<CudaException>(() => _device.Launch(12345, new Dim3(1), new Dim3(1), 0, 0, []))!;
         Assert.That(handle.ErrorName, Is.EqualTo(EmulatorErrors.InvalidHandle));
+    }
+
+    [Test]
+    public void Race_shadow_forgets_old_launches_when_launch_ids_wrap()
+    {
+        // The shadow keeps 10 bits of launch id: a write of launch k must not be mistaken, 1022 launches
+        // later, for a write of the current launch (that would be a false race between blocks).
+        using var y = DeviceBuffer.Of<float>(_device, 32);
+        for (int launch = 0; launch < 1100; launch++)
+        {
+            _device.Run(_module, "write_from_block", new Dim3(2), new Dim3(32), 0, y, launch % 2);
+        }
+        Assert.That(y.Read<float>(32), Has.All.EqualTo(1f));
+    }
+
+    [Test]
+    public void Endless_kernel_times_out_and_the_device_stays_usable()
+    {
+        using var device = new EmulatorBackend(EmulatorTestSupport.Options with { LaunchTimeout = TimeSpan.FromSeconds(1) });
+        using var module = device.LoadModule(EmulatorTestSupport.Source("backend_tests.cu", Kernels));
+        using var flag = DeviceBuffer.Of<int>(device, 1);
+        device.Memset(flag.Address, 0, 4, stream: 0);
+        var error = Assert.Throws<CudaException>(() => device.Run(module, "spin_until_set", new Dim3(1), new Dim3(64), 0, flag))!;
+        Assert.That(error.ErrorName, Is.EqualTo(EmulatorErrors.LaunchTimeout));
+        Assert.That(error.Message, Does.Contain("did not finish within 1000 ms"));
+        device.Memset(flag.Address, 1, 4, stream: 0);
+        device.Run(module, "spin_until_set", new Dim3(1), new Dim3(64), 0, flag);
     }
 
     [Test]

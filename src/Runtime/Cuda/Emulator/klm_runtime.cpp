@@ -228,11 +228,15 @@ void make_context(Context& context, unsigned char* stack, size_t size, void (*en
     for (int i = 3; i <= 8; i++) {
         slot[-i] = 0;
     }
-    uint32_t mxcsr = 0;
-    uint16_t x87 = 0;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(x87));
-    slot[-9] = mxcsr | (uint64_t)x87 << 32;
+    // The floating-point control state a lane starts with: the worker's, read once per thread.
+    static thread_local uint64_t control = [] {
+        uint32_t mxcsr = 0;
+        uint16_t x87 = 0;
+        asm volatile("stmxcsr %0" : "=m"(mxcsr));
+        asm volatile("fnstcw %0" : "=m"(x87));
+        return mxcsr | (uint64_t)x87 << 32;
+    }();
+    slot[-9] = control;
     context.sp = reinterpret_cast<void*>(top - 72);
 }
 #else
@@ -291,7 +295,8 @@ struct Warp {
     uint32_t index = 0, base = 0, lanes = 0;
     Context scheduler;
     std::atomic<uint32_t> wake{0};
-    bool sleeping = false;   // all live lanes wait at a barrier; guarded by the block's mutex
+    bool sleeping = false;        // all live lanes wait at a barrier; guarded by the block's mutex
+    uint32_t in_warp_ops = 0;     // lanes blocked in warp operations (only this warp's thread touches it)
 };
 
 struct Launch {
@@ -331,17 +336,26 @@ struct Block {
     std::atomic<uint32_t> next_warp{0};
     // guarded by mutex
     uint32_t running_workers = 0, attached_workers = 0, sleeping_warps = 0, finished_warps = 0;
-    // Written under mutex by arrivals, read without it by exiting lanes (and the reverse for exited): each
-    // side updates its counter, then reads the other's (sequentially consistent), so one of them sees both.
-    std::atomic<uint32_t> barrier_arrived{0};
-    std::atomic<uint32_t> exited{0};
+    // Read by every lane, written rarely: on their own cache lines, away from what workers write often.
+    // barrier_arrived is written under mutex by arrivals and read without it by exiting lanes, someone_exited
+    // the reverse: each side writes its own, then reads the other's (sequentially consistent), so at least
+    // one of them sees both and reports a thread that exited while others wait at a barrier.
+    alignas(64) std::atomic<uint32_t> barrier_arrived{0};
+    alignas(64) std::atomic<bool> someone_exited{false};
+    std::atomic<bool> aborted{false};
     int barrier_op = 0, barrier_line = 0;
     const char* barrier_file = nullptr;
     uint32_t barrier_count = 0, barrier_and = 1, barrier_or = 0;
-    std::atomic<bool> aborted{false};
-    std::atomic<uint32_t> done{0};
-    std::atomic<uint32_t> epoch{0};
-    std::atomic<uint32_t> warp_generation[kMaxThreads / kWarpSize];
+    alignas(64) std::atomic<uint32_t> done{0};
+    alignas(64) std::atomic<uint32_t> epoch{0};   // barriers completed
+    // warp operations completed, per warp; padded so that warps on different cores do not share a line
+    struct alignas(64) Generation {
+        std::atomic<uint32_t> value{0};
+        void store(uint32_t v) { value.store(v); }
+        uint32_t load(std::memory_order order = std::memory_order_seq_cst) const { return value.load(order); }
+        void fetch_add(uint32_t v) { value.fetch_add(v, std::memory_order_relaxed); }
+    };
+    Generation warp_generation[kMaxThreads / kWarpSize];
 
     void reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, int workers);
     void work(Worker* worker);
@@ -482,7 +496,7 @@ void Block::reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, i
     parallelism = workers;
     next_warp.store(0);
     running_workers = attached_workers = sleeping_warps = finished_warps = 0;
-    exited.store(0);
+    someone_exited.store(false);
     aborted.store(false);
     done.store(0);
     barrier_arrived.store(0);
@@ -493,6 +507,7 @@ void Block::reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, i
         warp.base = w * kWarpSize;
         warp.lanes = std::min(kWarpSize, thread_count - warp.base);
         warp.sleeping = false;
+        warp.in_warp_ops = 0;
         warp_generation[w].store(0);
     }
     for (uint32_t i = 0; i < thread_count; i++) {
@@ -603,7 +618,6 @@ void Block::run_warp(Warp& warp) {
             alive = true;
             if (stopping && status == Status::Unstarted) {
                 t.status.store(Status::Exited);
-                exited.fetch_add(1);
                 continue;
             }
             // A failed block resumes blocked lanes too: they throw Abort and unwind.
@@ -687,8 +701,10 @@ void Block::wake_sleeping_locked() {
 // Lock-free unless something is wrong: runs once per CUDA thread.
 void Block::on_exit(ThreadState& t) {
     t.status.store(Status::Exited);
-    exited.fetch_add(1);
-    if (aborted.load()) {
+    if (!someone_exited.load(std::memory_order_relaxed)) {
+        someone_exited.store(true);
+    }
+    if (aborted.load(std::memory_order_relaxed)) {
         return;
     }
     if (barrier_arrived.load() > 0) {
@@ -703,7 +719,7 @@ void Block::on_exit(ThreadState& t) {
         return;
     }
     const Warp& warp = *t.home;   // its lanes all run on this OS thread
-    for (uint32_t k = 0; k < warp.lanes; k++) {
+    for (uint32_t k = 0; k < warp.lanes && warp.in_warp_ops > 0; k++) {
         const ThreadState& u = threads[warp.base + k];
         if (u.status.load() == Status::Blocked && u.waiting == Waiting::Warp && (u.mask >> t.lane & 1u)) {
             std::lock_guard<std::mutex> guard(mutex);
@@ -814,7 +830,7 @@ int Block::barrier(ThreadState& t, int op, int predicate, int line, const char* 
     }
     // A lane of this warp waiting for this thread in a warp operation can never be served now.
     const Warp& warp = *t.home;
-    for (uint32_t k = 0; k < warp.lanes; k++) {
+    for (uint32_t k = 0; k < warp.lanes && warp.in_warp_ops > 0; k++) {
         const ThreadState& u = threads[warp.base + k];
         if (u.status.load() == Status::Blocked && u.waiting == Waiting::Warp && (u.mask >> t.lane & 1u)) {
             fail(KLM_FAULT_WARP_SYNC, format("diverged warp %u: lane %u reached %s (%s:%d) while lane %u waits for it at %s "
@@ -824,7 +840,7 @@ int Block::barrier(ThreadState& t, int op, int predicate, int line, const char* 
         }
     }
     barrier_arrived.fetch_add(1);
-    if (exited.load() > 0) {
+    if (someone_exited.load()) {
         uint32_t gone = 0;
         while (gone + 1 < thread_count && threads[gone].status.load() != Status::Exited) {
             gone++;
@@ -872,7 +888,7 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
         throw Abort{};
     }
     const char* name = warp_op_name(op);
-    const Warp& warp = *t.home;
+    Warp& warp = *t.home;
     const uint32_t base = warp.base, lanes = warp.lanes;
     const uint32_t existing = lanes == kWarpSize ? 0xffffffffu : (1u << lanes) - 1u;
     if (!(mask >> t.lane & 1u)) {
@@ -933,6 +949,7 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
     if (!complete) {
         t.waiting = Waiting::Warp;
         t.status.store(Status::Blocked);
+        warp.in_warp_ops++;
         suspend(t);
         return t.result;
     }
@@ -1038,6 +1055,7 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
         if ((mask >> k & 1u) && &u != &t) {
             u.waiting = Waiting::None;
             u.status.store(Status::Runnable);
+            warp.in_warp_ops--;
         }
     }
     return t.result;
