@@ -133,8 +133,10 @@ public sealed class EmulatorBackendTests
     [Test]
     public void Allocations_are_counted_and_return_to_zero()
     {
+        int processBefore = EmulatorMemoryCounters.LiveCount;
         var addresses = Enumerable.Range(1, 20).Select(i => _device.Allocate(i * 100)).ToList();
         Assert.That(_device.LiveAllocations, Is.EqualTo(20));
+        Assert.That(EmulatorMemoryCounters.LiveCount, Is.EqualTo(processBefore + 20));
         Assert.That(_device.LiveAllocatedBytes, Is.EqualTo(Enumerable.Range(1, 20).Sum(i => (i * 100 + 255) / 256 * 256)),
             "each rounded up to 256 bytes");
         Assert.That(addresses, Has.All.Matches<ulong>(address => address % 256 == 0), "256-byte aligned like cudaMalloc");
@@ -144,6 +146,7 @@ public sealed class EmulatorBackendTests
         }
         Assert.That(_device.LiveAllocations, Is.Zero);
         Assert.That(_device.LiveAllocatedBytes, Is.Zero);
+        Assert.That(EmulatorMemoryCounters.LiveCount, Is.EqualTo(processBefore));
         var error = Assert.Throws<CudaException>(() => _device.Free(addresses[0]))!;
         Assert.That(error.ErrorName, Is.EqualTo(EmulatorErrors.InvalidValue));
         Assert.That(error.Message, Does.Contain("use after free"), "a double free names the freed allocation");

@@ -87,7 +87,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         }
     }
 
-    /// <summary>Bytes charged to the budget by live allocations (each rounded up to 256).</summary>
+    /// <summary>Bytes charged to this backend's budget by live allocations (each rounded up to 256).</summary>
     public long LiveAllocatedBytes
     {
         get
@@ -107,7 +107,9 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         lock (_lock)
         {
             ThrowIfDisposed();
-            return _heap.Allocate(bytes).Address;
+            var allocation = _heap.Allocate(bytes);
+            EmulatorMemoryCounters.Add(allocation.Bytes, 1);
+            return allocation.Address;
         }
     }
 
@@ -117,6 +119,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             var (allocation, damage) = _heap.Free(address);
+            EmulatorMemoryCounters.Add(-allocation.Bytes, -1);
             if (damage is not null)
             {
                 throw new CudaException($"freeing {allocation}: {damage} (an out-of-bounds write that no launch check saw: host code?)",
@@ -322,6 +325,8 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             {
                 module.Dispose();
             }
+            // Like destroying a CUDA context: what is still allocated goes with it.
+            EmulatorMemoryCounters.Add(-_heap.Live.Sum(allocation => allocation.Bytes), -_heap.LiveCount);
             _heap.Clear();
             _device.Dispose();
         }
@@ -457,5 +462,22 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             _runtime.DestroyDevice(handle);
             return true;
         }
+    }
+}
+
+/// <summary>Device memory of every emulated device in the process not yet freed (or released with its
+/// backend): tests assert these return to their starting values, as with <see cref="NativeMemoryCounters"/>.</summary>
+public static class EmulatorMemoryCounters
+{
+    private static long s_liveBytes;
+    private static int s_liveCount;
+
+    public static long LiveBytes => Interlocked.Read(ref s_liveBytes);
+    public static int LiveCount => Volatile.Read(ref s_liveCount);
+
+    internal static void Add(long bytes, int count)
+    {
+        Interlocked.Add(ref s_liveBytes, bytes);
+        Interlocked.Add(ref s_liveCount, count);
     }
 }

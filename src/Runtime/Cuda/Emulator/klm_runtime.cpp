@@ -379,6 +379,7 @@ struct Block {
     std::string describe_threads();
     std::string describe_state(const ThreadState& t);
     std::string where(const ThreadState& t) const;
+    std::string thread_name(uint32_t linear) const;   // "thread (x,y,z)" of a linear index in the block
 };
 
 class Pool {
@@ -481,6 +482,11 @@ void Pool::start(Block* block) {
 
 std::string Block::where(const ThreadState& t) const {
     return format("thread (%u,%u,%u) of block (%u,%u,%u)", t.index[0], t.index[1], t.index[2], index[0], index[1], index[2]);
+}
+
+std::string Block::thread_name(uint32_t linear) const {
+    const uint32_t* dims = launch->dims;
+    return format("thread (%u,%u,%u)", linear % dims[0], linear / dims[0] % dims[1], linear / dims[0] / dims[1]);
 }
 
 void Block::reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, int workers) {
@@ -1154,8 +1160,8 @@ void check_global(ThreadState& t, uint64_t address, uint64_t size, bool write, b
                 const char* kind = write ? (atomic ? "atomic-after-write" : "write-after-write") : "read-after-write";
                 std::string writer =
                     other == (b.serial_in_launch & 0x3ffffu)
-                        ? format("thread %u of the same block (linear index), with no __syncthreads between", other_thread)
-                        : format("thread %u (linear index) of block (%u,%u,%u), another block of this launch", other_thread,
+                        ? format("%s of the same block, with no __syncthreads between,", b.thread_name(other_thread).c_str())
+                        : format("%s of block (%u,%u,%u), another block of this launch,", b.thread_name(other_thread).c_str(),
                                  other % l.grid[0], other / l.grid[0] % l.grid[1], other / l.grid[0] / l.grid[1]);
                 access_fault(t, KLM_FAULT_RACE, address + i, 1, write, code,
                              format("%s race on device memory at 0x%llx: %s %ss it, %s%s wrote it", kind,
@@ -1185,10 +1191,11 @@ void check_shared(ThreadState& t, uint64_t address, uint64_t index, uint64_t siz
         if (sw_serial(w) == serial && !(atomic && sw_a(w)) &&
             !ordered_in_block(b, t, sw_thread(w), sw_epoch(w), sw_generation(w), 0xffffu, 0xfffu)) {
             access_fault(t, KLM_FAULT_RACE, address + i, 1, write, code,
-                         format("%s race on shared memory at 0x%llx: %s %ss it, thread %u of the block (linear index) "
-                                "wrote it%s with no __syncthreads (or __syncwarp) between",
+                         format("%s race on shared memory at 0x%llx: %s %ss it, %s of the block wrote it%s with no "
+                                "__syncthreads (or __syncwarp) between",
                                 write ? "write-after-write" : "read-after-write", (unsigned long long)(address + i),
-                                b.where(t).c_str(), access_name(write, atomic), sw_thread(w), sw_a(w) ? " atomically" : ""),
+                                b.where(t).c_str(), access_name(write, atomic), b.thread_name(sw_thread(w)).c_str(),
+                                sw_a(w) ? " atomically" : ""),
                          line, file);
         }
         uint64_t r = __atomic_load_n(reader, __ATOMIC_RELAXED);
@@ -1210,7 +1217,8 @@ void check_shared(ThreadState& t, uint64_t address, uint64_t index, uint64_t siz
                                  format("write-after-read race on shared memory at 0x%llx: %s %ss it while %s read it with no "
                                         "__syncthreads (or __syncwarp) between",
                                         (unsigned long long)(address + i), b.where(t).c_str(), access_name(write, atomic),
-                                        several ? "other threads of the block" : format("thread %u of the block (linear index)", reader_thread).c_str()),
+                                        several ? "other threads of the block"
+                                                : (b.thread_name(reader_thread) + " of the block").c_str()),
                                  line, file);
                 }
             }
