@@ -150,6 +150,10 @@ internal sealed unsafe class DeviceHeap
         {
             throw new CudaException($"{operation}: negative size {bytes}", EmulatorErrors.InvalidValue);
         }
+        if (bytes == 0)
+        {
+            return (byte*)address;   // nothing is read or written
+        }
         int index = FindLive(address);
         if (index < 0 || address < _live[index].Address || address >= _live[index].Address + (ulong)_live[index].Bytes)
         {

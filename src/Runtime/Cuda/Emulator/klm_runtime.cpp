@@ -538,11 +538,18 @@ void Block::reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, i
     }
 }
 
+// Caller holds mutex. A worker that cannot be created fails the block (it never escapes a pool thread).
 void Block::recruit_if_needed() {
-    if (next_warp.load() < warp_count && running_workers < (uint32_t)parallelism) {
+    if (next_warp.load() < warp_count && running_workers < (uint32_t)parallelism && !aborted.load()) {
         running_workers++;
         attached_workers++;
-        rt().pool.start(this);
+        try {
+            rt().pool.start(this);
+        } catch (const std::exception& error) {
+            running_workers--;
+            attached_workers--;
+            fail_locked(KLM_FAULT_INTERNAL, nullptr, format("emulator error: %s", error.what()));
+        }
     }
 }
 
@@ -680,8 +687,10 @@ void Block::stall(Warp& warp) {
     sleeping_warps++;
     running_workers--;
     recruit_if_needed();
-    if (next_warp.load() >= warp_count && sleeping_warps + finished_warps == warp_count) {
+    if (!aborted.load() && next_warp.load() >= warp_count && sleeping_warps + finished_warps == warp_count) {
         fail_locked(KLM_FAULT_DEADLOCK, nullptr, "deadlock: no thread of the block can proceed. " + describe_threads());
+    }
+    if (aborted.load()) {   // fail_locked woke every sleeping warp, this one included
         return;
     }
     uint32_t token = warp.wake.load();
@@ -1472,9 +1481,10 @@ void run_launch(Runtime& runtime, const klm_launch_desc& desc, klm_fault& caller
         {
             std::lock_guard<std::mutex> guard(block.mutex);
             for (int i = 0; i < workers; i++) {
-                block.running_workers++;
-                block.attached_workers++;
-                runtime.pool.start(&block);
+                block.recruit_if_needed();
+            }
+            if (block.attached_workers == 0) {
+                break;   // not even one worker: the fault says why
             }
         }
         bool timed_out = false;
