@@ -1,6 +1,5 @@
 using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
-using System.Text;
 
 namespace KernelLM.Runtime.Cuda.Emulator;
 
@@ -63,7 +62,6 @@ internal unsafe struct KlmLaunchDesc
     public nint Device;
     public nint Thunk;
     public nint Enter;
-    public nint KernelName;
     public fixed uint Grid[3];
     public fixed uint Block[3];
     public uint DynamicSharedBytes;
@@ -120,6 +118,4 @@ internal unsafe struct KlmFault
     }
 
     public static string Text(nint utf8) => utf8 == 0 ? "" : Marshal.PtrToStringUTF8(utf8) ?? "";
-
-    public static byte[] Utf8(string text) => Encoding.UTF8.GetBytes(text + "\0");
 }

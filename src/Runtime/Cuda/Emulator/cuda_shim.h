@@ -4,10 +4,10 @@
 //     #include "cuda_shim.h"   // this file
 //     #include "<file>.cu"     // unchanged kernel source (it includes common.cuh itself)
 //     KLM_KERNEL_TABLE(...)    // generated: one thunk per extern "C" __global__ entry point
-// with -DKERNELLM_EMULATOR -fsanitize=thread -fno-exceptions (see EmulatorCompiler.cs). Each CUDA thread is
-// a real OS thread of the runtime (klm_runtime.cpp); everything that needs other threads (barriers, warp
-// operations, atomics) or checking (every memory access, through the -fsanitize=thread hooks at the end
-// of this file) is a call through the runtime's table `klm_rt`.
+// with -DKERNELLM_EMULATOR -fsanitize=thread -fno-exceptions (see EmulatorCompiler.cs). Each warp runs on
+// an OS thread of the runtime (klm_runtime.cpp), its lanes as fibers; everything that needs other threads
+// (barriers, warp operations, atomics) or checking (every memory access, through the -fsanitize=thread
+// hooks at the end of this file) is a call through the runtime's table `klm_rt`.
 //
 // No system header is included: the module must compile fast and must not depend on the C library's
 // headers; the few C functions used are declared here.

@@ -7,20 +7,21 @@
 //
 // Execution model:
 //   - one launch at a time; its blocks run one after another (x fastest, then y, then z);
-//   - each CUDA thread of a block is a real OS thread of a persistent pool for as long as it runs. A block
-//     starts with `parallelism` workers that take thread indices in order; a worker whose CUDA thread
-//     blocks (barrier, warp operation) stays with it, and another worker is recruited while unstarted
-//     threads remain. Kernels without synchronisation therefore cost a few context switches per block,
-//     and a block whose threads all wait at a barrier has one OS thread per CUDA thread;
-//   - barriers and warp operations are rendezvous under the block's mutex, with per-thread futexes;
-//     misuse (a lane missing from a mask, diverged call sites, an exited thread that others wait for,
-//     a deadlock) is reported instead of hanging or computing garbage;
+//   - each warp of a block is a real OS thread of a persistent pool; its 32 lanes are fibers on that
+//     thread (own stacks), switching only at warp operations, barriers and exit. A block starts with
+//     `parallelism` workers that take warps in order; a worker whose warp waits at a barrier sleeps on a
+//     futex and another is recruited while warps remain, so a barrier is a real barrier across threads;
+//   - a warp operation is a rendezvous of the warp's own fibers (no lock): the last lane of the mask to
+//     arrive computes every result. Barriers count arrivals under the block's mutex. Misuse (a lane
+//     missing from a mask or reading outside it, diverged call sites, an exited thread that others wait
+//     for, a deadlock) is reported instead of hanging or computing garbage;
 //   - every load and store of the kernel (GCC's -fsanitize=thread instrumentation, hooks in cuda_shim.h)
 //     that touches device or shared memory is checked against a shadow: one 64-bit word per device byte
-//     (0 = not addressable, 1 = addressable, else the last writer in the current launch) and two per
-//     shared byte (last writer, last reader(s)). A conflict between accesses of two threads with no
-//     barrier (or, within a warp, no warp operation) between them is a race; a write from one block read
-//     or written by another block of the same launch is a race (unless the launch uses __threadfence).
+//     (0 = addressable, all ones = not, else the last writer in the current launch) and two per shared
+//     byte (last writer, last reader(s)). A conflict between accesses of two threads with no barrier
+//     (or, within a warp, no warp operation) between them is a race; a write from one block read or
+//     written by another block of the same launch is a race (unless the launch uses __threadfence).
+//     Races do not depend on the interleaving to be found, which is why lanes need not be OS threads.
 #include "klm_runtime_api.h"
 
 #include <algorithm>

@@ -130,7 +130,6 @@ typedef struct klm_launch_desc {
     void* device;                     // klm_device_create
     klm_thunk thunk;
     klm_enter enter;                  // the module's klm_module_enter
-    const char* kernel_name;
     unsigned int grid[3];
     unsigned int block[3];
     unsigned int dynamic_shared_bytes;
