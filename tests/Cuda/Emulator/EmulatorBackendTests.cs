@@ -204,6 +204,9 @@ public sealed class EmulatorBackendTests
         Assert.That(missing.Message, Does.Contain("backend_tests.cu").And.Contain("scale, bounded"));
         var handle = Assert.Throws<CudaException>(() => _device.Launch(12345, new Dim3(1), new Dim3(1), 0, 0, []))!;
         Assert.That(handle.ErrorName, Is.EqualTo(EmulatorErrors.InvalidHandle));
+        using var other = new EmulatorBackend(EmulatorTestSupport.Options);
+        var foreign = Assert.Throws<CudaException>(() => other.Run(_module, "scale", new Dim3(1), new Dim3(1), 0, y, 1f, 1))!;
+        Assert.That(foreign.Message, Does.Contain("another EmulatorBackend"));
     }
 
     [Test]

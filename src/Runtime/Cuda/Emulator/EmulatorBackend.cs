@@ -21,6 +21,9 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
 {
     private const int MaxThreadsPerBlock = 1024;
     private const uint MaxLaunchId = 1022;   // the shadow keeps 10 bits of launch id; 1023 marks poison
+    private const int HandleIndexBits = 24;  // function handle = backend id << 24 | (kernel index + 1)
+
+    private static int s_nextId;
 
     private readonly Lock _lock = new();
     private readonly EmulatorOptions _options;
@@ -32,6 +35,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
     private readonly List<EmulatorModule> _modules = [];
     private readonly HashSet<nint> _streams = [];
     private readonly int _apiVersion;
+    private readonly long _id = Interlocked.Increment(ref s_nextId);
     private long _nextStream;
     private uint _launchId;
     private bool _disposed;
@@ -249,7 +253,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
                 string name = KlmFault.Text(table[i].Name);
                 _kernels.Add(new EmulatedKernel(module, name, table[i].Thunk, enter, table[i].ParameterCount,
                     bounds.TryGetValue(name, out int limit) ? limit : null, staticShared, staticSharedBytes));
-                functions[name] = _kernels.Count;   // the handle: 1-based index
+                functions[name] = (nint)(_id << HandleIndexBits | (long)_kernels.Count);
             }
             _modules.Add(module);
         }
@@ -334,11 +338,13 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
 
     private EmulatedKernel Resolve(nint function)
     {
-        if (function <= 0 || function > _kernels.Count)
+        long index = function & ((1L << HandleIndexBits) - 1);
+        if (function >> HandleIndexBits != _id || index < 1 || index > _kernels.Count)
         {
-            throw new CudaException($"Launch: 0x{function:x} is not a function handle of this device", EmulatorErrors.InvalidHandle);
+            throw new CudaException($"Launch: 0x{function:x} is not a function handle of this device (a module loaded on " +
+                                    "another EmulatorBackend?)", EmulatorErrors.InvalidHandle);
         }
-        var kernel = _kernels[(int)function - 1];
+        var kernel = _kernels[(int)index - 1];
         if (kernel.Module.IsDisposed)
         {
             throw new CudaException($"Launch: kernel '{kernel.Name}' belongs to {kernel.Module.FileName}, which was unloaded",
