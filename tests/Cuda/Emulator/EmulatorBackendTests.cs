@@ -25,6 +25,17 @@ public sealed class EmulatorBackendTests
         extern "C" __global__ __launch_bounds__(128) void bounded(float* y) {
             y[threadIdx.x] = 1.0f;
         }
+
+        extern "C" __global__ void write_from_block(float* y, int block) {
+            if (blockIdx.x == block) {
+                y[threadIdx.x] = (float)block;
+            }
+        }
+
+        extern "C" __global__ void spin_until_set(volatile int* flag) {
+            while (flag[0] == 0) {
+            }
+        }
         """;
 
     private EmulatorBackend _device = null!;
@@ -122,8 +133,10 @@ public sealed class EmulatorBackendTests
     [Test]
     public void Allocations_are_counted_and_return_to_zero()
     {
+        int processBefore = EmulatorMemoryCounters.LiveCount;
         var addresses = Enumerable.Range(1, 20).Select(i => _device.Allocate(i * 100)).ToList();
         Assert.That(_device.LiveAllocations, Is.EqualTo(20));
+        Assert.That(EmulatorMemoryCounters.LiveCount, Is.EqualTo(processBefore + 20));
         Assert.That(_device.LiveAllocatedBytes, Is.EqualTo(Enumerable.Range(1, 20).Sum(i => (i * 100 + 255) / 256 * 256)),
             "each rounded up to 256 bytes");
         Assert.That(addresses, Has.All.Matches<ulong>(address => address % 256 == 0), "256-byte aligned like cudaMalloc");
@@ -133,6 +146,7 @@ public sealed class EmulatorBackendTests
         }
         Assert.That(_device.LiveAllocations, Is.Zero);
         Assert.That(_device.LiveAllocatedBytes, Is.Zero);
+        Assert.That(EmulatorMemoryCounters.LiveCount, Is.EqualTo(processBefore));
         var error = Assert.Throws<CudaException>(() => _device.Free(addresses[0]))!;
         Assert.That(error.ErrorName, Is.EqualTo(EmulatorErrors.InvalidValue));
         Assert.That(error.Message, Does.Contain("use after free"), "a double free names the freed allocation");
@@ -190,6 +204,36 @@ public sealed class EmulatorBackendTests
         Assert.That(missing.Message, Does.Contain("backend_tests.cu").And.Contain("scale, bounded"));
         var handle = Assert.Throws<CudaException>(() => _device.Launch(12345, new Dim3(1), new Dim3(1), 0, 0, []))!;
         Assert.That(handle.ErrorName, Is.EqualTo(EmulatorErrors.InvalidHandle));
+        using var other = new EmulatorBackend(EmulatorTestSupport.Options);
+        var foreign = Assert.Throws<CudaException>(() => other.Run(_module, "scale", new Dim3(1), new Dim3(1), 0, y, 1f, 1))!;
+        Assert.That(foreign.Message, Does.Contain("another EmulatorBackend"));
+    }
+
+    [Test]
+    public void Race_shadow_forgets_old_launches_when_launch_ids_wrap()
+    {
+        // The shadow keeps 10 bits of launch id: a write of launch k must not be mistaken, 1022 launches
+        // later, for a write of the current launch (that would be a false race between blocks).
+        using var y = DeviceBuffer.Of<float>(_device, 32);
+        for (int launch = 0; launch < 1100; launch++)
+        {
+            _device.Run(_module, "write_from_block", new Dim3(2), new Dim3(32), 0, y, launch % 2);
+        }
+        Assert.That(y.Read<float>(32), Has.All.EqualTo(1f));
+    }
+
+    [Test]
+    public void Endless_kernel_times_out_and_the_device_stays_usable()
+    {
+        using var device = new EmulatorBackend(EmulatorTestSupport.Options with { LaunchTimeout = TimeSpan.FromSeconds(1) });
+        using var module = device.LoadModule(EmulatorTestSupport.Source("backend_tests.cu", Kernels));
+        using var flag = DeviceBuffer.Of<int>(device, 1);
+        device.Memset(flag.Address, 0, 4, stream: 0);
+        var error = Assert.Throws<CudaException>(() => device.Run(module, "spin_until_set", new Dim3(1), new Dim3(64), 0, flag))!;
+        Assert.That(error.ErrorName, Is.EqualTo(EmulatorErrors.LaunchTimeout));
+        Assert.That(error.Message, Does.Contain("did not finish within 1000 ms"));
+        device.Memset(flag.Address, 1, 4, stream: 0);
+        device.Run(module, "spin_until_set", new Dim3(1), new Dim3(64), 0, flag);
     }
 
     [Test]

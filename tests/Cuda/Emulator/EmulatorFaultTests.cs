@@ -32,6 +32,15 @@ public sealed class EmulatorFaultTests
             }
         }
 
+        __device__ __forceinline__ float load_at(const float* p, int i) {
+            return p[i];
+        }
+
+        extern "C" __global__ void read_through_helper(const float* x, float* y, int n) {
+            int i = threadIdx.x;
+            y[i] = load_at(x, i + n);
+        }
+
         // memset is not instrumented: only the guard comparison after the launch sees this write.
         extern "C" __global__ void memset_past_the_end(float* y, int n, int bytes) {
             if (blockIdx.x == 0 && threadIdx.x == 0) {
@@ -204,6 +213,17 @@ public sealed class EmulatorFaultTests
         Assert.That(error.ErrorName, Is.EqualTo(EmulatorErrors.IllegalAddress));
         Assert.That(error.Message, Does.Contain("out-of-bounds read of 4 bytes").And.Contain("thread (63,0,0)"));
         Assert.That(error.Message, Does.Contain($"{FileName}:{LineOf("y[i] = x[i + 1];")}"));
+    }
+
+    [Test]
+    public void Fault_inside_an_inlined_helper_names_the_helper_and_the_kernel_line()
+    {
+        using var x = DeviceBuffer.Of<float>(_device, 32);
+        using var y = DeviceBuffer.Of<float>(_device, 32);
+        var error = Fails("read_through_helper", new Dim3(1), new Dim3(32), 0, x, y, 1);
+        Assert.That(error.ErrorName, Is.EqualTo(EmulatorErrors.IllegalAddress));
+        Assert.That(error.Message, Does.Contain(
+            $"[at {FileName}:{LineOf("return p[i];")} (load_at), inlined in {FileName}:{LineOf("y[i] = load_at(x, i + n);")} (read_through_helper)]"));
     }
 
     [Test]

@@ -145,6 +145,56 @@ public sealed class EmulatorKernelTests
             }
         }
 
+        // 1024 threads (32 warps): block_reduce_sum and the counting barriers.
+        extern "C" __global__ void big_block(const float* x, float* out, int* counts) {
+            __shared__ float scratch[32];
+            float v = x[threadIdx.x];
+            float sum = block_reduce_sum(v, scratch);
+            int positive = __syncthreads_count(v > 0.0f);
+            int all = __syncthreads_and(v > -10.0f);
+            int any = __syncthreads_or(v > 0.999f);
+            if (threadIdx.x == 0) {
+                out[0] = sum;
+                counts[0] = positive;
+                counts[1] = all;
+                counts[2] = any;
+            }
+        }
+
+        // blockDim.x = 100: a partial last warp, barriers, a shared-memory tree over 128 slots.
+        extern "C" __global__ void odd_block_sum(const float* x, float* out) {
+            __shared__ float partial[128];
+            int t = threadIdx.x;
+            partial[t] = x[t];
+            if (t + blockDim.x < 128) {
+                partial[t + blockDim.x] = 0.0f;
+            }
+            __syncthreads();
+            for (int stride = 64; stride > 0; stride >>= 1) {
+                if (t < stride) {
+                    partial[t] += partial[t + stride];
+                }
+                __syncthreads();
+            }
+            if (t == 0) {
+                out[0] = partial[0];
+            }
+        }
+
+        // Sub-warp widths, two half-warp groups at one call site, __match_any_sync. out: [32, 6].
+        extern "C" __global__ void sub_warp(const int* x, int* out) {
+            int lane = threadIdx.x;
+            int v = x[lane];
+            int* o = out + lane * 6;
+            o[0] = __shfl_sync(KLM_FULL_MASK, v, 2, 8);
+            o[1] = __shfl_down_sync(KLM_FULL_MASK, v, 3, 8);
+            o[2] = __shfl_up_sync(KLM_FULL_MASK, v, 2, 16);
+            o[3] = __shfl_xor_sync(KLM_FULL_MASK, v, 5, 8);
+            unsigned half = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+            o[4] = __reduce_add_sync(half, v);
+            o[5] = (int)__match_any_sync(KLM_FULL_MASK, v % 3);
+        }
+
         extern "C" __global__ void uninitialized_shared(float* y) {
             __shared__ float never_written[32];
             y[threadIdx.x] = never_written[threadIdx.x];
@@ -420,6 +470,52 @@ public sealed class EmulatorKernelTests
             }
             Assert.That(BitConverter.SingleToUInt32Bits(fromF16[i]), Is.EqualTo(BitConverter.SingleToUInt32Bits(expected)),
                 $"f16_to_float(0x{i:x4})");
+        }
+    }
+
+    [Test]
+    public void block_of_1024_threads_with_block_reduce_and_counting_barriers()
+    {
+        float[] x = Random(8, 1024);
+        using var dx = DeviceBuffer.From<float>(_device, x);
+        using var dout = DeviceBuffer.Of<float>(_device, 1);
+        using var counts = DeviceBuffer.Of<int>(_device, 3);
+        _device.Run(_module, "big_block", new Dim3(1), new Dim3(1024), 0, dx, dout, counts);
+        double sum = x.Sum(v => (double)v);
+        Assert.That(dout.Read<float>(1)[0], Is.EqualTo(sum).Within(1024 * Math.Pow(2, -24) * x.Sum(v => Math.Abs((double)v))));
+        Assert.That(counts.Read<int>(3), Is.EqualTo(new[] { x.Count(v => v > 0), 1, x.Any(v => v > 0.999f) ? 1 : 0 }));
+    }
+
+    [Test]
+    public void barriers_in_a_block_with_a_partial_warp()
+    {
+        float[] x = Enumerable.Range(0, 100).Select(i => (float)i).ToArray();
+        using var dx = DeviceBuffer.From<float>(_device, x);
+        using var dout = DeviceBuffer.Of<float>(_device, 1);
+        _device.Run(_module, "odd_block_sum", new Dim3(1), new Dim3(100), 0, dx, dout);
+        Assert.That(dout.Read<float>(1)[0], Is.EqualTo(4950f));
+    }
+
+    [Test]
+    public void sub_warp_widths_partial_masks_and_match_any()
+    {
+        int[] x = Enumerable.Range(0, 32).Select(i => (i * 37 + 11) % 50).ToArray();
+        using var dx = DeviceBuffer.From<int>(_device, x);
+        using var dout = DeviceBuffer.Of<int>(_device, 32 * 6);
+        _device.Run(_module, "sub_warp", new Dim3(1), new Dim3(32), 0, dx, dout);
+        int[] got = dout.Read<int>(32 * 6);
+        for (int lane = 0; lane < 32; lane++)
+        {
+            int down = lane + 3 < (lane & ~7) + 8 ? x[lane + 3] : x[lane];
+            int up = lane - 2 >= (lane & ~15) ? x[lane - 2] : x[lane];
+            int half = x.Skip(lane < 16 ? 0 : 16).Take(16).Sum();
+            uint same = 0;
+            for (int other = 0; other < 32; other++)
+            {
+                same |= x[other] % 3 == x[lane] % 3 ? 1u << other : 0;
+            }
+            var expected = new[] { x[(lane & ~7) + 2], down, up, x[lane ^ 5], half, (int)same };
+            Assert.That(got.AsSpan(lane * 6, 6).ToArray(), Is.EqualTo(expected), $"lane {lane}");
         }
     }
 

@@ -48,6 +48,9 @@ internal sealed unsafe class DeviceHeap
 
     public ulong ArenaBase => _base;
 
+    /// <summary>Arena bytes ever handed out: beyond them the shadow was never written, and kernels may not go.</summary>
+    public long HighWater { get; private set; }
+
     public bool InArena(ulong address) => address >= _base && address < _base + (ulong)_arenaBytes;
 
     public int LiveCount => _live.Count;
@@ -89,7 +92,15 @@ internal sealed unsafe class DeviceHeap
         var allocation = new DeviceAllocation(++_nextId, _base + (ulong)(offset + _guard), bytes, offset, blockBytes);
         RestoreGuards(allocation);
         System.Runtime.InteropServices.NativeMemory.Fill((void*)allocation.Address, (nuint)bytes, UninitializedPattern);
-        _mark(offset + _guard, bytes, true);
+        // The shadow of arena bytes never handed out reads "addressable": mark the guards, and the user
+        // bytes only where an earlier allocation may have left them poisoned or written.
+        _mark(offset, _guard, false);
+        _mark(offset + _guard + bytes, blockBytes - _guard - bytes, false);
+        if (offset < HighWater)
+        {
+            _mark(offset + _guard, bytes, true);
+        }
+        HighWater = Math.Max(HighWater, offset + blockBytes);
         int index = _live.BinarySearch(allocation, AddressOrder.Instance);
         _live.Insert(~index, allocation);
         LiveBytes += rounded;
@@ -138,6 +149,10 @@ internal sealed unsafe class DeviceHeap
         if (bytes < 0)
         {
             throw new CudaException($"{operation}: negative size {bytes}", EmulatorErrors.InvalidValue);
+        }
+        if (bytes == 0)
+        {
+            return (byte*)address;   // nothing is read or written
         }
         int index = FindLive(address);
         if (index < 0 || address < _live[index].Address || address >= _live[index].Address + (ulong)_live[index].Bytes)

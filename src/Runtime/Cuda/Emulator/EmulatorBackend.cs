@@ -20,7 +20,10 @@ namespace KernelLM.Runtime.Cuda.Emulator;
 public sealed unsafe partial class EmulatorBackend : ICudaBackend
 {
     private const int MaxThreadsPerBlock = 1024;
-    private const uint MaxLaunchId = 1023;   // the shadow keeps 10 bits of launch id
+    private const uint MaxLaunchId = 1022;   // the shadow keeps 10 bits of launch id; 1023 marks poison
+    private const int HandleIndexBits = 24;  // function handle = backend id << 24 | (kernel index + 1)
+
+    private static int s_nextId;
 
     private readonly Lock _lock = new();
     private readonly EmulatorOptions _options;
@@ -32,6 +35,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
     private readonly List<EmulatorModule> _modules = [];
     private readonly HashSet<nint> _streams = [];
     private readonly int _apiVersion;
+    private readonly long _id = Interlocked.Increment(ref s_nextId);
     private long _nextStream;
     private uint _launchId;
     private bool _disposed;
@@ -87,7 +91,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         }
     }
 
-    /// <summary>Bytes charged to the budget by live allocations (each rounded up to 256).</summary>
+    /// <summary>Bytes charged to this backend's budget by live allocations (each rounded up to 256).</summary>
     public long LiveAllocatedBytes
     {
         get
@@ -107,7 +111,9 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         lock (_lock)
         {
             ThrowIfDisposed();
-            return _heap.Allocate(bytes).Address;
+            var allocation = _heap.Allocate(bytes);
+            EmulatorMemoryCounters.Add(allocation.Bytes, 1);
+            return allocation.Address;
         }
     }
 
@@ -117,6 +123,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             var (allocation, damage) = _heap.Free(address);
+            EmulatorMemoryCounters.Add(-allocation.Bytes, -1);
             if (damage is not null)
             {
                 throw new CudaException($"freeing {allocation}: {damage} (an out-of-bounds write that no launch check saw: host code?)",
@@ -234,6 +241,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         nint staticShared;
         ulong staticSharedBytes;
         ((delegate* unmanaged<nint*, ulong*, void>)NativeLibrary.GetExport(handle, "klm_module_static_shared"))(&staticShared, &staticSharedBytes);
+        nint enter = NativeLibrary.GetExport(handle, "klm_module_enter");
         var bounds = EmulatorModule.LaunchBounds(source.Text);
         var functions = new Dictionary<string, nint>(StringComparer.Ordinal);
         var module = new EmulatorModule(source, library.Path, library.FromCache, functions);
@@ -243,9 +251,9 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             for (int i = 0; i < count; i++)
             {
                 string name = KlmFault.Text(table[i].Name);
-                _kernels.Add(new EmulatedKernel(module, name, table[i].Thunk, table[i].ParameterCount,
+                _kernels.Add(new EmulatedKernel(module, name, table[i].Thunk, enter, table[i].ParameterCount,
                     bounds.TryGetValue(name, out int limit) ? limit : null, staticShared, staticSharedBytes));
-                functions[name] = _kernels.Count;   // the handle: 1-based index
+                functions[name] = (nint)(_id << HandleIndexBits | (long)_kernels.Count);
             }
             _modules.Add(module);
         }
@@ -273,8 +281,10 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             {
                 Device = _device.DangerousGetHandle(),
                 Thunk = kernel.Thunk,
+                Enter = kernel.Enter,
                 DynamicSharedBytes = (uint)dynamicSharedBytes,
                 LaunchId = _launchId,
+                DeviceUsedBytes = (ulong)_heap.HighWater,
                 StaticShared = kernel.StaticShared,
                 StaticSharedBytes = kernel.StaticSharedBytes,
                 Parallelism = _options.Threads,
@@ -319,6 +329,8 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             {
                 module.Dispose();
             }
+            // Like destroying a CUDA context: what is still allocated goes with it.
+            EmulatorMemoryCounters.Add(-_heap.Live.Sum(allocation => allocation.Bytes), -_heap.LiveCount);
             _heap.Clear();
             _device.Dispose();
         }
@@ -326,11 +338,13 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
 
     private EmulatedKernel Resolve(nint function)
     {
-        if (function <= 0 || function > _kernels.Count)
+        long index = function & ((1L << HandleIndexBits) - 1);
+        if (function >> HandleIndexBits != _id || index < 1 || index > _kernels.Count)
         {
-            throw new CudaException($"Launch: 0x{function:x} is not a function handle of this device", EmulatorErrors.InvalidHandle);
+            throw new CudaException($"Launch: 0x{function:x} is not a function handle of this device (a module loaded on " +
+                                    "another EmulatorBackend?)", EmulatorErrors.InvalidHandle);
         }
-        var kernel = _kernels[(int)function - 1];
+        var kernel = _kernels[(int)index - 1];
         if (kernel.Module.IsDisposed)
         {
             throw new CudaException($"Launch: kernel '{kernel.Name}' belongs to {kernel.Module.FileName}, which was unloaded",
@@ -454,5 +468,22 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             _runtime.DestroyDevice(handle);
             return true;
         }
+    }
+}
+
+/// <summary>Device memory of every emulated device in the process not yet freed (or released with its
+/// backend): tests assert these return to their starting values, as with <see cref="NativeMemoryCounters"/>.</summary>
+public static class EmulatorMemoryCounters
+{
+    private static long s_liveBytes;
+    private static int s_liveCount;
+
+    public static long LiveBytes => Interlocked.Read(ref s_liveBytes);
+    public static int LiveCount => Volatile.Read(ref s_liveCount);
+
+    internal static void Add(long bytes, int count)
+    {
+        Interlocked.Add(ref s_liveBytes, bytes);
+        Interlocked.Add(ref s_liveCount, count);
     }
 }

@@ -22,12 +22,13 @@ internal sealed class EmulatorCompiler
     // Kernel modules: -fsanitize=thread only for its instrumentation (every load and store calls a hook of
     // cuda_shim.h; no TSan runtime is linked). -fno-exceptions: the runtime's Abort unwinds through kernel
     // frames that have no handlers. -gdwarf-4: binutils 2.40's addr2line names the wrong file with DWARF 5
-    // line tables of an #included .cu. -fno-ipa-reference*: a barrier is an opaque call, so GCC must assume it
+    // line tables of an #included .cu. -ftls-model=local-dynamic: one __tls_get_addr per function for the
+    // built-in variables. -fno-ipa-reference*: a barrier is an opaque call, so GCC must assume it
     // reads and writes every static, including __shared__ arrays whose address never escapes.
     private static readonly string[] s_moduleCompileFlags =
     [
-        "-std=c++20", "-O1", "-g1", "-gdwarf-4", "-fPIC", "-fvisibility=hidden", "-fno-exceptions", "-fno-threadsafe-statics",
-        "-fno-ipa-reference", "-fno-ipa-reference-addressable", "-fsanitize=thread",
+        "-std=c++20", "-O1", "-g1", "-gdwarf-4", "-fPIC", "-fvisibility=hidden", "-ftls-model=local-dynamic",
+        "-fno-exceptions", "-fno-threadsafe-statics", "-fno-ipa-reference", "-fno-ipa-reference-addressable", "-fsanitize=thread",
         "--param=tsan-instrument-func-entry-exit=0", "-DKERNELLM_EMULATOR",
     ];
 

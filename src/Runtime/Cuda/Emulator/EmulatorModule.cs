@@ -54,8 +54,8 @@ public sealed partial class EmulatorModule : IKernelModule
 }
 
 /// <summary>One launchable kernel of a module (what a function handle of the emulator stands for).</summary>
-internal sealed record EmulatedKernel(EmulatorModule Module, string Name, nint Thunk, int ParameterCount, int? LaunchBounds,
-    nint StaticShared, ulong StaticSharedBytes);
+internal sealed record EmulatedKernel(EmulatorModule Module, string Name, nint Thunk, nint Enter, int ParameterCount,
+    int? LaunchBounds, nint StaticShared, ulong StaticSharedBytes);
 
 /// <summary>Maps a code address of a faulting access back to source lines with addr2line (binutils, which
 /// g++ needs anyway); best effort: null when it is missing or knows nothing.</summary>

@@ -1,6 +1,5 @@
 using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
-using System.Text;
 
 namespace KernelLM.Runtime.Cuda.Emulator;
 
@@ -62,12 +61,13 @@ internal unsafe struct KlmLaunchDesc
 {
     public nint Device;
     public nint Thunk;
-    public nint KernelName;
+    public nint Enter;
     public fixed uint Grid[3];
     public fixed uint Block[3];
     public uint DynamicSharedBytes;
     public uint LaunchId;
     public nint Params;
+    public ulong DeviceUsedBytes;
     public nint StaticShared;
     public ulong StaticSharedBytes;
     public int Parallelism;
@@ -118,6 +118,4 @@ internal unsafe struct KlmFault
     }
 
     public static string Text(nint utf8) => utf8 == 0 ? "" : Marshal.PtrToStringUTF8(utf8) ?? "";
-
-    public static byte[] Utf8(string text) => Encoding.UTF8.GetBytes(text + "\0");
 }

@@ -4,10 +4,10 @@
 //     #include "cuda_shim.h"   // this file
 //     #include "<file>.cu"     // unchanged kernel source (it includes common.cuh itself)
 //     KLM_KERNEL_TABLE(...)    // generated: one thunk per extern "C" __global__ entry point
-// with -DKERNELLM_EMULATOR -fsanitize=thread -fno-exceptions (see EmulatorCompiler.cs). Each CUDA thread is
-// a real OS thread of the runtime (klm_runtime.cpp); everything that needs other threads (barriers, warp
-// operations, atomics) or checking (every memory access, through the -fsanitize=thread hooks at the end
-// of this file) is a call through the runtime's table `klm_rt`.
+// with -DKERNELLM_EMULATOR -fsanitize=thread -fno-exceptions (see EmulatorCompiler.cs). Each warp runs on
+// an OS thread of the runtime (klm_runtime.cpp), its lanes as fibers; everything that needs other threads
+// (barriers, warp operations, atomics) or checking (every memory access, through the -fsanitize=thread
+// hooks at the end of this file) is a call through the runtime's table `klm_rt`.
 //
 // No system header is included: the module must compile fast and must not depend on the C library's
 // headers; the few C functions used are declared here.
@@ -457,6 +457,14 @@ __attribute__((visibility("default"), no_sanitize_thread)) void klm_module_stati
 }
 }
 
+// Lanes of a warp share one OS thread (they are fibers): the runtime calls this before resuming a lane.
+extern "C" __attribute__((visibility("default"), no_sanitize_thread)) void klm_module_enter(const klm_thread_info* info) {
+    threadIdx = uint3{info->thread[0], info->thread[1], info->thread[2]};
+    blockIdx = uint3{info->block[0], info->block[1], info->block[2]};
+    blockDim = dim3(info->block_dim[0], info->block_dim[1], info->block_dim[2]);
+    gridDim = dim3(info->grid_dim[0], info->grid_dim[1], info->grid_dim[2]);
+}
+
 namespace klm_registration {
 template <int... I> struct indices {};
 template <int N> using make_indices = indices<__integer_pack(N)...>;
@@ -469,10 +477,7 @@ template <class... A> struct traits<void (*)(A...)> {
 };
 // cuLaunchKernel-style arguments (one pointer per argument, pointing at its value) to a typed call.
 template <auto Kernel> void thunk(void** params, const klm_thread_info* info) {
-    threadIdx = uint3{info->thread[0], info->thread[1], info->thread[2]};
-    blockIdx = uint3{info->block[0], info->block[1], info->block[2]};
-    blockDim = dim3(info->block_dim[0], info->block_dim[1], info->block_dim[2]);
-    gridDim = dim3(info->grid_dim[0], info->grid_dim[1], info->grid_dim[2]);
+    klm_module_enter(info);
     using T = traits<decltype(Kernel)>;
     T::call(Kernel, params, make_indices<T::count>{});
 }

@@ -7,20 +7,21 @@
 //
 // Execution model:
 //   - one launch at a time; its blocks run one after another (x fastest, then y, then z);
-//   - each CUDA thread of a block is a real OS thread of a persistent pool for as long as it runs. A block
-//     starts with `parallelism` workers that take thread indices in order; a worker whose CUDA thread
-//     blocks (barrier, warp operation) stays with it, and another worker is recruited while unstarted
-//     threads remain. Kernels without synchronisation therefore cost a few context switches per block,
-//     and a block whose threads all wait at a barrier has one OS thread per CUDA thread;
-//   - barriers and warp operations are rendezvous under the block's mutex, with per-thread futexes;
-//     misuse (a lane missing from a mask, diverged call sites, an exited thread that others wait for,
-//     a deadlock) is reported instead of hanging or computing garbage;
+//   - each warp of a block is a real OS thread of a persistent pool; its 32 lanes are fibers on that
+//     thread (own stacks), switching only at warp operations, barriers and exit. A block starts with
+//     `parallelism` workers that take warps in order; a worker whose warp waits at a barrier sleeps on a
+//     futex and another is recruited while warps remain, so a barrier is a real barrier across threads;
+//   - a warp operation is a rendezvous of the warp's own fibers (no lock): the last lane of the mask to
+//     arrive computes every result. Barriers count arrivals under the block's mutex. Misuse (a lane
+//     missing from a mask or reading outside it, diverged call sites, an exited thread that others wait
+//     for, a deadlock) is reported instead of hanging or computing garbage;
 //   - every load and store of the kernel (GCC's -fsanitize=thread instrumentation, hooks in cuda_shim.h)
 //     that touches device or shared memory is checked against a shadow: one 64-bit word per device byte
-//     (0 = not addressable, 1 = addressable, else the last writer in the current launch) and two per
-//     shared byte (last writer, last reader(s)). A conflict between accesses of two threads with no
-//     barrier (or, within a warp, no warp operation) between them is a race; a write from one block read
-//     or written by another block of the same launch is a race (unless the launch uses __threadfence).
+//     (0 = addressable, all ones = not, else the last writer in the current launch) and two per shared
+//     byte (last writer, last reader(s)). A conflict between accesses of two threads with no barrier
+//     (or, within a warp, no warp operation) between them is a race; a write from one block read or
+//     written by another block of the same launch is a race (unless the launch uses __threadfence).
+//     Races do not depend on the interleaving to be found, which is why lanes need not be OS threads.
 #include "klm_runtime_api.h"
 
 #include <algorithm>
@@ -33,6 +34,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -143,9 +145,10 @@ void* map_reserve(size_t bytes) {
 }
 
 // Global shadow word: [launch:10][block:18][thread:10][epoch:14][warp generation:11][atomic:1].
-// 0 = not addressable, 1 = addressable and not written in a tracked launch (launch ids start at 1).
-constexpr uint64_t kShadowPoisoned = 0;
-constexpr uint64_t kShadowClean = 1;
+// 0 = addressable and not written in a tracked launch (launch ids are 1..1022, so fresh pages of the
+// shadow need no initialisation), all ones = not addressable (guards, freed memory).
+constexpr uint64_t kShadowClean = 0;
+constexpr uint64_t kShadowPoisoned = ~uint64_t{0};
 
 uint64_t global_word(uint32_t launch, uint32_t block, uint32_t thread, uint32_t epoch, uint32_t generation, bool atomic) {
     return (uint64_t)(launch & 0x3ffu) << 54 | (uint64_t)(block & 0x3ffffu) << 36 | (uint64_t)(thread & 0x3ffu) << 26 |
@@ -171,17 +174,110 @@ uint32_t sw_generation(uint64_t w) { return (uint32_t)(w >> 2) & 0xfffu; }
 bool sw_a(uint64_t w) { return (w & 2u) != 0; }
 bool sw_b(uint64_t w) { return (w & 1u) != 0; }
 
-// ------------------------------------------------------------------ threads, blocks, launches
+// ------------------------------------------------------------------ fibers (the lanes of a warp)
+
+// A lane runs on its own stack; switching saves the callee-saved registers on the current stack and
+// swaps stack pointers. x86-64 only (System V); other targets fall back to ucontext (a system call per
+// switch, so several times slower).
+#if defined(__x86_64__)
+extern "C" void klm_fiber_switch(void** save, void* load);
+asm(R"(
+    .text
+    .globl klm_fiber_switch
+    .hidden klm_fiber_switch
+    .type klm_fiber_switch,@function
+klm_fiber_switch:
+    .cfi_startproc
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .cfi_endproc
+    .size klm_fiber_switch,.-klm_fiber_switch
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+void switch_context(Context& save, Context& load) { klm_fiber_switch(&save.sp, load.sp); }
+
+void make_context(Context& context, unsigned char* stack, size_t size, void (*entry)()) {
+    // The frame klm_fiber_switch pops: MXCSR and x87 control word, r15..rbp, then `ret` into entry with
+    // the stack aligned as after a call (a zero return address ends backtraces).
+    auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
+    auto* slot = reinterpret_cast<uint64_t*>(top);
+    slot[-1] = 0;
+    slot[-2] = reinterpret_cast<uint64_t>(entry);
+    for (int i = 3; i <= 8; i++) {
+        slot[-i] = 0;
+    }
+    // The floating-point control state a lane starts with: the worker's, read once per thread.
+    static thread_local uint64_t control = [] {
+        uint32_t mxcsr = 0;
+        uint16_t x87 = 0;
+        asm volatile("stmxcsr %0" : "=m"(mxcsr));
+        asm volatile("fnstcw %0" : "=m"(x87));
+        return mxcsr | (uint64_t)x87 << 32;
+    }();
+    slot[-9] = control;
+    context.sp = reinterpret_cast<void*>(top - 72);
+}
+#else
+#include <ucontext.h>
+struct Context {
+    ucontext_t uc;
+};
+void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+void make_context(Context& context, unsigned char* stack, size_t size, void (*entry)()) {
+    getcontext(&context.uc);
+    context.uc.uc_stack.ss_sp = stack;
+    context.uc.uc_stack.ss_size = size;
+    context.uc.uc_link = nullptr;
+    makecontext(&context.uc, entry, 0);
+}
+#endif
+
+constexpr size_t kFiberStack = 512 * 1024;
+constexpr size_t kPage = 4096;
+
+struct Stack {
+    unsigned char* base = nullptr;   // usable bytes [base, base + kFiberStack); a PROT_NONE page below
+};
+
+// ------------------------------------------------------------------ threads, warps, blocks, launches
 
 struct Block;
+struct Warp;
 
-enum class Status : uint8_t { Unstarted, Running, Blocked, Exited };
+// Unstarted -> Running <-> Blocked (barrier or warp operation) -> Runnable (released) -> Running -> Exited
+enum class Status : uint8_t { Unstarted, Runnable, Running, Blocked, Exited };
 enum class Waiting : uint8_t { None, Barrier, Warp };
 
+// One CUDA thread: a lane of a warp, run as a fiber by the warp's OS thread.
 struct ThreadState {
     Block* block = nullptr;
+    Warp* home = nullptr;
     uint32_t linear = 0, lane = 0, warp = 0;
     uint32_t index[3] = {0, 0, 0};
+    klm_thread_info info{};
     std::atomic<Status> status{Status::Unstarted};
     Waiting waiting = Waiting::None;
     int op = 0;
@@ -192,25 +288,36 @@ struct ThreadState {
     int line = 0;
     const char* file = nullptr;
     uint64_t result = 0;
+    Context context;
+};
+
+// One warp: an OS thread of the pool runs its lanes in turn, switching at warp operations and barriers.
+struct Warp {
+    uint32_t index = 0, base = 0, lanes = 0;
+    Context scheduler;
     std::atomic<uint32_t> wake{0};
+    bool sleeping = false;        // all live lanes wait at a barrier; guarded by the block's mutex
+    uint32_t in_warp_ops = 0;     // lanes blocked in warp operations (only this warp's thread touches it)
 };
 
 struct Launch {
     klm_thunk thunk = nullptr;
+    klm_enter enter = nullptr;
     void** params = nullptr;
     Device* device = nullptr;
     uint32_t grid[3] = {1, 1, 1};
     uint32_t dims[3] = {1, 1, 1};
     uint32_t thread_count = 0;
     uint32_t launch_id = 0;
+    uint64_t device_used = 0;
     std::atomic<bool> cross_block_exempt{false};   // set by __threadfence(): inter-block communication
     std::mutex fault_mutex;
     klm_fault* fault = nullptr;
 };
 
+// The CUDA thread running on this OS thread (null in a warp's scheduler and on host threads).
 thread_local ThreadState* t_thread __attribute__((tls_model("initial-exec"))) = nullptr;
 
-class Pool;
 struct Worker {
     pthread_t handle{};
     std::atomic<uint32_t> signal{0};
@@ -223,40 +330,57 @@ struct Block {
     uint32_t index[3] = {0, 0, 0};
     uint32_t serial_in_launch = 0;   // linear block index (global shadow)
     uint32_t serial = 0;             // process-wide block counter (shared shadow)
-    uint32_t thread_count = 0;
+    uint32_t thread_count = 0, warp_count = 0;
     int parallelism = 1;
     std::vector<ThreadState> threads = std::vector<ThreadState>(kMaxThreads);
-    std::atomic<uint32_t> next{0};
-    uint32_t blocked = 0, exited = 0, running_workers = 0, attached_workers = 0;
+    std::vector<Warp> warps = std::vector<Warp>(kMaxThreads / kWarpSize);
+    std::atomic<uint32_t> next_warp{0};
+    // guarded by mutex
+    uint32_t running_workers = 0, attached_workers = 0, sleeping_warps = 0, finished_warps = 0;
+    // Read by every lane, written rarely: on their own cache lines, away from what workers write often.
+    // barrier_arrived is written under mutex by arrivals and read without it by exiting lanes, someone_exited
+    // the reverse: each side writes its own, then reads the other's (sequentially consistent), so at least
+    // one of them sees both and reports a thread that exited while others wait at a barrier.
+    alignas(64) std::atomic<uint32_t> barrier_arrived{0};
+    alignas(64) std::atomic<bool> someone_exited{false};
     std::atomic<bool> aborted{false};
-    std::atomic<uint32_t> done{0};
-    // the barrier being filled
-    uint32_t barrier_arrived = 0;
     int barrier_op = 0, barrier_line = 0;
     const char* barrier_file = nullptr;
     uint32_t barrier_count = 0, barrier_and = 1, barrier_or = 0;
-    std::atomic<uint32_t> epoch{0};
-    std::atomic<uint32_t> warp_generation[kMaxThreads / kWarpSize];
+    alignas(64) std::atomic<uint32_t> done{0};
+    alignas(64) std::atomic<uint32_t> epoch{0};   // barriers completed
+    // warp operations completed, per warp; padded so that warps on different cores do not share a line
+    struct alignas(64) Generation {
+        std::atomic<uint32_t> value{0};
+        void store(uint32_t v) { value.store(v); }
+        uint32_t load(std::memory_order order = std::memory_order_seq_cst) const { return value.load(order); }
+        void fetch_add(uint32_t v) { value.fetch_add(v, std::memory_order_relaxed); }
+    };
+    Generation warp_generation[kMaxThreads / kWarpSize];
 
     void reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, int workers);
     void work(Worker* worker);
-    void run_thread(ThreadState& t);
+    void run_warp(Warp& warp);
+    void enter(Warp& warp, ThreadState& t);
+    void stall(Warp& warp);
+    void run_lane(ThreadState& t);
+    void suspend(ThreadState& t);
     void on_exit(ThreadState& t);
     int barrier(ThreadState& t, int op, int predicate, int line, const char* file);
     uint64_t warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, int argument, int width, int line,
                      const char* file);
     uint32_t active_mask(ThreadState& t);
 
-    // failure: record the first fault, stop every thread. Caller holds `mutex`.
-    // Returns whether this was the launch's first fault (the one reported).
+    // failure: record the first fault, stop every thread. Caller holds `mutex`. Returns whether this was
+    // the launch's first fault (the one reported).
     bool fail_locked(int kind, const ThreadState* t, const std::string& message, int line = 0, const char* file = nullptr);
-    [[noreturn]] void fail_and_abort(std::unique_lock<std::mutex>& lock, int kind, ThreadState& t, const std::string& message,
-                                     int line, const char* file);
-    void block_until_released(ThreadState& t, std::unique_lock<std::mutex>& lock);
-    void release(ThreadState& u);
+    [[noreturn]] void fail_and_abort(int kind, ThreadState& t, const std::string& message, int line, const char* file);
+    void wake_sleeping_locked();
     void recruit_if_needed();
     std::string describe_threads();
+    std::string describe_state(const ThreadState& t);
     std::string where(const ThreadState& t) const;
+    std::string thread_name(uint32_t linear) const;   // "thread (x,y,z)" of a linear index in the block
 };
 
 class Pool {
@@ -284,7 +408,7 @@ struct Runtime {
     Pool pool;
     klm_ranges ranges{};
     Block block;
-    Launch* launch = nullptr;
+    std::vector<Stack> stacks;             // one per thread of a block, kept
     uint32_t block_serial = 0;
     std::vector<uint64_t> shared_shadow;   // 2 words per shared byte: static section, then dynamic buffer
     unsigned char* dynamic_shared = nullptr;
@@ -298,7 +422,19 @@ Runtime& rt() {
 }
 
 constexpr size_t kDynamicRedZone = 64 * 1024;
-constexpr size_t kWorkerStack = 1024 * 1024;
+constexpr size_t kWorkerStack = 256 * 1024;
+
+void ensure_stacks(Runtime& runtime, uint32_t count) {
+    while (runtime.stacks.size() < count) {
+        auto* memory = static_cast<unsigned char*>(
+            mmap(nullptr, kFiberStack + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+        if (memory == MAP_FAILED) {
+            throw std::runtime_error("cannot map a stack for a CUDA thread");
+        }
+        mprotect(memory, kPage, PROT_NONE);   // overflow faults instead of corrupting a neighbour
+        runtime.stacks.push_back(Stack{memory + kPage});
+    }
+}
 
 // ------------------------------------------------------------------ pool
 
@@ -349,6 +485,11 @@ std::string Block::where(const ThreadState& t) const {
     return format("thread (%u,%u,%u) of block (%u,%u,%u)", t.index[0], t.index[1], t.index[2], index[0], index[1], index[2]);
 }
 
+std::string Block::thread_name(uint32_t linear) const {
+    const uint32_t* dims = launch->dims;
+    return format("thread (%u,%u,%u)", linear % dims[0], linear / dims[0] % dims[1], linear / dims[0] / dims[1]);
+}
+
 void Block::reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, int workers) {
     std::lock_guard<std::mutex> guard(mutex);
     launch = owner;
@@ -358,102 +499,246 @@ void Block::reset(Launch* owner, uint32_t linear_block, uint32_t block_serial, i
     index[1] = linear_block / owner->grid[0] % owner->grid[1];
     index[2] = linear_block / owner->grid[0] / owner->grid[1];
     thread_count = owner->thread_count;
+    warp_count = (thread_count + kWarpSize - 1) / kWarpSize;
     parallelism = workers;
-    next.store(0);
-    blocked = exited = running_workers = attached_workers = 0;
+    next_warp.store(0);
+    running_workers = attached_workers = sleeping_warps = finished_warps = 0;
+    someone_exited.store(false);
     aborted.store(false);
     done.store(0);
-    barrier_arrived = 0;
+    barrier_arrived.store(0);
     epoch.store(0);
-    for (auto& generation : warp_generation) {
-        generation.store(0);
+    for (uint32_t w = 0; w < warp_count; w++) {
+        Warp& warp = warps[w];
+        warp.index = w;
+        warp.base = w * kWarpSize;
+        warp.lanes = std::min(kWarpSize, thread_count - warp.base);
+        warp.sleeping = false;
+        warp.in_warp_ops = 0;
+        warp_generation[w].store(0);
     }
     for (uint32_t i = 0; i < thread_count; i++) {
         ThreadState& t = threads[i];
         t.block = this;
+        t.home = &warps[i / kWarpSize];
         t.linear = i;
         t.lane = i % kWarpSize;
         t.warp = i / kWarpSize;
         t.index[0] = i % owner->dims[0];
         t.index[1] = i / owner->dims[0] % owner->dims[1];
         t.index[2] = i / owner->dims[0] / owner->dims[1];
+        t.info = klm_thread_info{
+            {t.index[0], t.index[1], t.index[2]},
+            {index[0], index[1], index[2]},
+            {owner->dims[0], owner->dims[1], owner->dims[2]},
+            {owner->grid[0], owner->grid[1], owner->grid[2]},
+        };
         t.status.store(Status::Unstarted);
         t.waiting = Waiting::None;
         t.result = 0;
     }
 }
 
+// Caller holds mutex. A worker that cannot be created fails the block (it never escapes a pool thread).
 void Block::recruit_if_needed() {
-    if (next.load() < thread_count && running_workers < (uint32_t)parallelism) {
+    if (next_warp.load() < warp_count && running_workers < (uint32_t)parallelism && !aborted.load()) {
         running_workers++;
         attached_workers++;
-        rt().pool.start(this);
+        try {
+            rt().pool.start(this);
+        } catch (const std::exception& error) {
+            running_workers--;
+            attached_workers--;
+            fail_locked(KLM_FAULT_INTERNAL, nullptr, format("emulator error: %s", error.what()));
+        }
     }
 }
 
 void Block::work(Worker* worker) {
     for (;;) {
-        uint32_t i = next.fetch_add(1);
-        if (i >= thread_count) {
+        uint32_t w = next_warp.fetch_add(1);
+        if (w >= warp_count) {
             break;
         }
-        run_thread(threads[i]);
+        run_warp(warps[w]);
+        std::lock_guard<std::mutex> guard(mutex);
+        finished_warps++;
     }
     rt().pool.finished(worker);   // idle before the dispatcher can see the block finished
     std::lock_guard<std::mutex> guard(mutex);
     attached_workers--;
     running_workers--;
-    if (attached_workers == 0 && exited == thread_count) {
+    if (attached_workers == 0 && finished_warps == warp_count) {
         done.store(1);
         futex_wake(&done, 1);
     }
 }
 
-void Block::run_thread(ThreadState& t) {
-    if (!aborted.load()) {
-        t.status.store(Status::Running);
-        t_thread = &t;
-        const Launch& l = *launch;
-        klm_thread_info info = {
-            {t.index[0], t.index[1], t.index[2]},
-            {index[0], index[1], index[2]},
-            {l.dims[0], l.dims[1], l.dims[2]},
-            {l.grid[0], l.grid[1], l.grid[2]},
-        };
-        try {
-            l.thunk(l.params, &info);
-        } catch (const Abort&) {
-        } catch (const std::exception& error) {
-            std::lock_guard<std::mutex> guard(mutex);
-            fail_locked(KLM_FAULT_INTERNAL, &t, format("emulator error: %s", error.what()));
-        } catch (...) {
-            std::lock_guard<std::mutex> guard(mutex);
-            fail_locked(KLM_FAULT_INTERNAL, &t, "unexpected C++ exception in the kernel");
-        }
-        t_thread = nullptr;
+// The lane's fiber: runs the kernel, then hands the stack back to the warp's scheduler for good.
+[[noreturn]] void lane_main() {
+    ThreadState& t = *t_thread;
+    t.block->run_lane(t);
+    switch_context(t.context, t.home->scheduler);
+    __builtin_unreachable();
+}
+
+void Block::run_lane(ThreadState& t) {
+    const Launch& l = *launch;
+    try {
+        l.thunk(l.params, &t.info);
+    } catch (const Abort&) {
+    } catch (const std::exception& error) {
+        std::lock_guard<std::mutex> guard(mutex);
+        fail_locked(KLM_FAULT_INTERNAL, &t, format("emulator error: %s", error.what()));
+    } catch (...) {
+        std::lock_guard<std::mutex> guard(mutex);
+        fail_locked(KLM_FAULT_INTERNAL, &t, "unexpected C++ exception in the kernel");
     }
     on_exit(t);
 }
 
-void Block::on_exit(ThreadState& t) {
-    std::lock_guard<std::mutex> guard(mutex);
-    t.status.store(Status::Exited);
-    exited++;
+// Switches from the warp's scheduler into a lane (starting it if needed) until it blocks or exits.
+void Block::enter(Warp& warp, ThreadState& t) {
+    if (t.status.load() == Status::Unstarted) {
+        make_context(t.context, rt().stacks[t.linear].base, kFiberStack, &lane_main);
+    }
+    t.status.store(Status::Running);
+    launch->enter(&t.info);   // the module's thread-local threadIdx, blockIdx, ... for this lane
+    t_thread = &t;
+    switch_context(warp.scheduler, t.context);
+    t_thread = nullptr;
+}
+
+// Called on the lane's stack: back to the scheduler until released (or the block fails).
+void Block::suspend(ThreadState& t) {
+    switch_context(t.context, t.home->scheduler);
+    if (aborted.load()) {
+        throw Abort{};
+    }
+}
+
+void Block::run_warp(Warp& warp) {
+    uint32_t cursor = 0;
+    for (;;) {
+        const bool stopping = aborted.load();
+        ThreadState* next = nullptr;
+        bool alive = false;
+        for (uint32_t k = 0; k < warp.lanes && next == nullptr; k++) {
+            ThreadState& t = threads[warp.base + (cursor + k) % warp.lanes];
+            Status status = t.status.load();
+            if (status == Status::Exited) {
+                continue;
+            }
+            alive = true;
+            if (stopping && status == Status::Unstarted) {
+                t.status.store(Status::Exited);
+                continue;
+            }
+            // A failed block resumes blocked lanes too: they throw Abort and unwind.
+            if (status == Status::Unstarted || status == Status::Runnable || (stopping && status == Status::Blocked)) {
+                next = &t;
+            }
+        }
+        if (next != nullptr) {
+            cursor = (next->lane + 1) % warp.lanes;
+            enter(warp, *next);
+            continue;
+        }
+        if (!alive) {
+            return;
+        }
+        stall(warp);
+    }
+}
+
+// No lane of the warp can run: either they wait at a barrier (sleep until another warp completes it), or
+// a warp operation can never complete (report it).
+void Block::stall(Warp& warp) {
+    std::unique_lock<std::mutex> lock(mutex);
     if (aborted.load()) {
         return;
     }
-    if (barrier_arrived > 0) {
-        fail_locked(KLM_FAULT_BARRIER, &t,
-                    format("%s exited while %u other threads wait at %s (%s:%d): every thread of a block must reach "
-                           "every barrier (no early return before __syncthreads)",
-                           where(t).c_str(), barrier_arrived, barrier_name(barrier_op), barrier_file, barrier_line),
-                    barrier_line, barrier_file);
+    const ThreadState* waiter = nullptr;
+    for (uint32_t k = 0; k < warp.lanes; k++) {
+        const ThreadState& t = threads[warp.base + k];
+        Status status = t.status.load();
+        if (status == Status::Runnable) {
+            return;   // released by a barrier while we looked
+        }
+        if (status == Status::Blocked && t.waiting == Waiting::Warp && waiter == nullptr) {
+            waiter = &t;
+        }
+    }
+    if (waiter != nullptr) {
+        std::string missing;
+        for (uint32_t k = 0; k < warp.lanes; k++) {
+            const ThreadState& u = threads[warp.base + k];
+            bool joined = u.status.load() == Status::Blocked && u.waiting == Waiting::Warp && u.mask == waiter->mask;
+            if ((waiter->mask >> k & 1u) && !joined) {
+                missing += format("%slane %u %s", missing.empty() ? "" : ", ", k, describe_state(u).c_str());
+            }
+        }
+        fail_locked(KLM_FAULT_WARP_SYNC, waiter,
+                    format("warp %u cannot proceed: lane %u waits at %s (%s:%d) with mask 0x%08x, but %s", warp.index,
+                           waiter->lane, warp_op_name(waiter->op), waiter->file, waiter->line, waiter->mask, missing.c_str()),
+                    waiter->line, waiter->file);
         return;
     }
-    uint32_t base = t.warp * kWarpSize;
-    for (uint32_t lane = 0; lane < kWarpSize && base + lane < thread_count; lane++) {
-        const ThreadState& u = threads[base + lane];
+    warp.sleeping = true;
+    sleeping_warps++;
+    running_workers--;
+    recruit_if_needed();
+    if (!aborted.load() && next_warp.load() >= warp_count && sleeping_warps + finished_warps == warp_count) {
+        fail_locked(KLM_FAULT_DEADLOCK, nullptr, "deadlock: no thread of the block can proceed. " + describe_threads());
+    }
+    if (aborted.load()) {   // fail_locked woke every sleeping warp, this one included
+        return;
+    }
+    uint32_t token = warp.wake.load();
+    lock.unlock();
+    while (warp.wake.load() == token) {
+        futex_wait(&warp.wake, token);
+    }
+}
+
+void Block::wake_sleeping_locked() {
+    for (uint32_t w = 0; w < warp_count; w++) {
+        Warp& warp = warps[w];
+        if (warp.sleeping) {
+            warp.sleeping = false;
+            sleeping_warps--;
+            running_workers++;
+            warp.wake.fetch_add(1);
+            futex_wake(&warp.wake, 1);
+        }
+    }
+}
+
+// Lock-free unless something is wrong: runs once per CUDA thread.
+void Block::on_exit(ThreadState& t) {
+    t.status.store(Status::Exited);
+    if (!someone_exited.load(std::memory_order_relaxed)) {
+        someone_exited.store(true);
+    }
+    if (aborted.load(std::memory_order_relaxed)) {
+        return;
+    }
+    if (barrier_arrived.load() > 0) {
+        std::lock_guard<std::mutex> guard(mutex);
+        if (barrier_arrived.load() > 0 && !aborted.load()) {
+            fail_locked(KLM_FAULT_BARRIER, &t,
+                        format("%s exited while %u other threads wait at %s (%s:%d): every thread of a block must reach "
+                               "every barrier (no early return before __syncthreads)",
+                               where(t).c_str(), barrier_arrived.load(), barrier_name(barrier_op), barrier_file, barrier_line),
+                        barrier_line, barrier_file);
+        }
+        return;
+    }
+    const Warp& warp = *t.home;   // its lanes all run on this OS thread
+    for (uint32_t k = 0; k < warp.lanes && warp.in_warp_ops > 0; k++) {
+        const ThreadState& u = threads[warp.base + k];
         if (u.status.load() == Status::Blocked && u.waiting == Waiting::Warp && (u.mask >> t.lane & 1u)) {
+            std::lock_guard<std::mutex> guard(mutex);
             fail_locked(KLM_FAULT_WARP_SYNC, &t,
                         format("lane %u of warp %u (%s) exited while lane %u waits for it at %s (%s:%d) with mask 0x%08x: "
                                "every lane named in the mask must execute the same warp operation",
@@ -461,37 +746,6 @@ void Block::on_exit(ThreadState& t) {
                         u.line, u.file);
             return;
         }
-    }
-    if (blocked > 0 && blocked + exited == thread_count) {
-        fail_locked(KLM_FAULT_DEADLOCK, &t, "deadlock: no thread of the block can proceed. " + describe_threads());
-    }
-}
-
-void Block::release(ThreadState& u) {
-    u.status.store(Status::Running);
-    u.waiting = Waiting::None;
-    blocked--;
-    running_workers++;
-    u.wake.fetch_add(1);
-    futex_wake(&u.wake, 1);
-}
-
-void Block::block_until_released(ThreadState& t, std::unique_lock<std::mutex>& lock) {
-    t.status.store(Status::Blocked);
-    blocked++;
-    running_workers--;
-    recruit_if_needed();
-    if (blocked + exited == thread_count) {
-        fail_and_abort(lock, KLM_FAULT_DEADLOCK, t, "deadlock: no thread of the block can proceed. " + describe_threads(),
-                       t.line, t.file);
-    }
-    uint32_t token = t.wake.load();
-    lock.unlock();
-    while (t.wake.load() == token) {
-        futex_wait(&t.wake, token);
-    }
-    if (aborted.load()) {
-        throw Abort{};
     }
 }
 
@@ -515,57 +769,48 @@ bool Block::fail_locked(int kind, const ThreadState* t, const std::string& messa
         }
     }
     aborted.store(true);
-    for (uint32_t i = 0; i < thread_count; i++) {
-        if (threads[i].status.load() == Status::Blocked) {
-            release(threads[i]);
-        }
-    }
+    wake_sleeping_locked();
     return first;
 }
 
-void Block::fail_and_abort(std::unique_lock<std::mutex>& lock, int kind, ThreadState& t, const std::string& message,
-                           int line, const char* file) {
-    if (t.status.load() == Status::Blocked) {
-        t.status.store(Status::Running);
-        t.waiting = Waiting::None;
-        blocked--;
-        running_workers++;
+void Block::fail_and_abort(int kind, ThreadState& t, const std::string& message, int line, const char* file) {
+    {
+        std::lock_guard<std::mutex> guard(mutex);
+        fail_locked(kind, &t, message, line, file);
     }
-    fail_locked(kind, &t, message, line, file);
-    lock.unlock();
     throw Abort{};
 }
 
+std::string Block::describe_state(const ThreadState& t) {
+    switch (t.status.load()) {
+        case Status::Exited: return "has exited";
+        case Status::Unstarted: return "has not started";
+        case Status::Running: return "is running";
+        case Status::Runnable: return "is runnable";
+        case Status::Blocked:
+            if (t.waiting == Waiting::Barrier) {
+                return format("waits at %s (%s:%d)", barrier_name(t.op), t.file, t.line);
+            }
+            return format("waits at %s (%s:%d) with mask 0x%08x", warp_op_name(t.op), t.file, t.line, t.mask);
+    }
+    return "?";
+}
+
 std::string Block::describe_threads() {
-    // Group threads by what they do: "at __syncthreads (k.cu:12): threads 0-223; warp 7 lanes 0-15 at
-    // __shfl_xor_sync (common.cuh:104, mask 0xffffffff); exited: threads 224-255".
+    // Runs of threads in the same state: "threads 0-223 wait at __syncthreads (k.cu:12); ...".
     std::string text;
-    auto describe = [&](const ThreadState& t) -> std::string {
-        switch (t.status.load()) {
-            case Status::Exited: return "exited";
-            case Status::Unstarted: return "not started";
-            case Status::Running: return "running";
-            case Status::Blocked:
-                if (t.waiting == Waiting::Barrier) {
-                    return format("at %s (%s:%d)", barrier_name(t.op), t.file, t.line);
-                }
-                return format("at %s (%s:%d, mask 0x%08x)", warp_op_name(t.op), t.file, t.line, t.mask);
-        }
-        return "?";
-    };
     uint32_t start = 0;
     int groups = 0;
     while (start < thread_count && groups < 12) {
-        std::string state = describe(threads[start]);
+        std::string state = describe_state(threads[start]);
         uint32_t end = start;
-        while (end + 1 < thread_count && describe(threads[end + 1]) == state) {
+        while (end + 1 < thread_count && describe_state(threads[end + 1]) == state) {
             end++;
         }
         if (!text.empty()) {
             text += "; ";
         }
-        text += end == start ? format("thread %u %s", start, state.c_str())
-                             : format("threads %u-%u %s", start, end, state.c_str());
+        text += end == start ? format("thread %u %s", start, state.c_str()) : format("threads %u-%u %s", start, end, state.c_str());
         start = end + 1;
         groups++;
     }
@@ -581,18 +826,12 @@ int Block::barrier(ThreadState& t, int op, int predicate, int line, const char* 
         lock.unlock();
         throw Abort{};
     }
-    if (exited > 0) {
-        uint32_t gone = 0;
-        while (threads[gone].status.load() != Status::Exited) {
-            gone++;
-        }
-        fail_and_abort(lock, KLM_FAULT_BARRIER, t,
-                       format("%s (%s:%d) reached by %s after thread %u of the block exited: every thread of a block "
-                              "must reach every barrier (no early return before __syncthreads)",
-                              barrier_name(op), file, line, where(t).c_str(), gone),
-                       line, file);
-    }
-    if (barrier_arrived == 0) {
+    auto fail = [&](int kind, const std::string& message) {
+        fail_locked(kind, &t, message, line, file);
+        lock.unlock();
+        throw Abort{};
+    };
+    if (barrier_arrived.load() == 0) {
         barrier_op = op;
         barrier_line = line;
         barrier_file = file;
@@ -600,112 +839,122 @@ int Block::barrier(ThreadState& t, int op, int predicate, int line, const char* 
         barrier_and = 1;
         barrier_or = 0;
     } else if (!same_site(line, file, barrier_line, barrier_file) || op != barrier_op) {
-        fail_and_abort(lock, KLM_FAULT_BARRIER, t,
-                       format("threads of one block wait at different barriers: %s at %s (%s:%d), %u others at %s (%s:%d) "
-                              "(a barrier in divergent code)",
-                              where(t).c_str(), barrier_name(op), file, line, barrier_arrived, barrier_name(barrier_op),
-                              barrier_file, barrier_line),
-                       line, file);
+        fail(KLM_FAULT_BARRIER, format("threads of one block wait at different barriers: %s at %s (%s:%d), %u others at "
+                                       "%s (%s:%d) (a barrier in divergent code)",
+                                       where(t).c_str(), barrier_name(op), file, line, barrier_arrived.load(),
+                                       barrier_name(barrier_op), barrier_file, barrier_line));
     }
     // A lane of this warp waiting for this thread in a warp operation can never be served now.
-    uint32_t base = t.warp * kWarpSize;
-    for (uint32_t lane = 0; lane < kWarpSize && base + lane < thread_count; lane++) {
-        const ThreadState& u = threads[base + lane];
+    const Warp& warp = *t.home;
+    for (uint32_t k = 0; k < warp.lanes && warp.in_warp_ops > 0; k++) {
+        const ThreadState& u = threads[warp.base + k];
         if (u.status.load() == Status::Blocked && u.waiting == Waiting::Warp && (u.mask >> t.lane & 1u)) {
-            fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
-                           format("diverged warp %u: lane %u reached %s (%s:%d) while lane %u waits for it at %s (%s:%d) "
-                                  "with mask 0x%08x",
-                                  t.warp, t.lane, barrier_name(op), file, line, u.lane, warp_op_name(u.op), u.file, u.line,
-                                  u.mask),
-                           line, file);
+            fail(KLM_FAULT_WARP_SYNC, format("diverged warp %u: lane %u reached %s (%s:%d) while lane %u waits for it at %s "
+                                             "(%s:%d) with mask 0x%08x",
+                                             t.warp, t.lane, barrier_name(op), file, line, u.lane, warp_op_name(u.op), u.file,
+                                             u.line, u.mask));
         }
     }
-    t.waiting = Waiting::Barrier;
-    t.op = op;
-    t.line = line;
-    t.file = file;
-    barrier_arrived++;
+    barrier_arrived.fetch_add(1);
+    if (someone_exited.load()) {
+        uint32_t gone = 0;
+        while (gone + 1 < thread_count && threads[gone].status.load() != Status::Exited) {
+            gone++;
+        }
+        fail(KLM_FAULT_BARRIER, format("%s (%s:%d) reached by %s after thread %u of the block exited: every thread of a "
+                                       "block must reach every barrier (no early return before __syncthreads)",
+                                       barrier_name(op), file, line, where(t).c_str(), gone));
+    }
     barrier_count += predicate != 0;
     barrier_and &= predicate != 0;
     barrier_or |= predicate != 0;
-    if (barrier_arrived == thread_count) {
+    if (barrier_arrived.load() == thread_count) {
         uint32_t result = op == KLM_SYNCTHREADS_COUNT ? barrier_count
                           : op == KLM_SYNCTHREADS_AND ? barrier_and
                           : op == KLM_SYNCTHREADS_OR  ? barrier_or
                                                       : 0;
         epoch.fetch_add(1);
-        barrier_arrived = 0;
-        t.waiting = Waiting::None;
+        barrier_arrived.store(0);
         for (uint32_t i = 0; i < thread_count; i++) {
             ThreadState& u = threads[i];
-            if (&u != &t) {
+            if (&u != &t && u.status.load() == Status::Blocked && u.waiting == Waiting::Barrier) {
                 u.result = result;
-                release(u);
+                u.waiting = Waiting::None;
+                u.status.store(Status::Runnable);
             }
         }
+        wake_sleeping_locked();
         return (int)result;
     }
-    block_until_released(t, lock);
+    t.waiting = Waiting::Barrier;
+    t.op = op;
+    t.line = line;
+    t.file = file;
+    t.status.store(Status::Blocked);
+    lock.unlock();
+    suspend(t);
     return (int)t.result;
 }
 
+// Lanes of one warp all run on the warp's OS thread, so a warp operation needs no lock: the last lane of
+// the mask to arrive computes every result and marks the others runnable.
 uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, int argument, int width, int line,
                         const char* file) {
-    std::unique_lock<std::mutex> lock(mutex);
     if (aborted.load()) {
-        lock.unlock();
         throw Abort{};
     }
     const char* name = warp_op_name(op);
-    const uint32_t base = t.warp * kWarpSize;
-    const uint32_t lanes = std::min(kWarpSize, thread_count - base);
+    Warp& warp = *t.home;
+    const uint32_t base = warp.base, lanes = warp.lanes;
     const uint32_t existing = lanes == kWarpSize ? 0xffffffffu : (1u << lanes) - 1u;
     if (!(mask >> t.lane & 1u)) {
-        fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
+        fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                        format("%s (%s:%d) called by lane %u of warp %u with mask 0x%08x, which does not include the lane itself",
                               name, file, line, t.lane, t.warp, mask),
                        line, file);
     }
     if (mask & ~existing) {
-        fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
+        fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                        format("%s (%s:%d): mask 0x%08x names lanes %s of warp %u, which do not exist (the block has %u "
                               "threads; use a block size that is a multiple of 32 or a partial mask)",
                               name, file, line, mask, lane_list(mask & ~existing).c_str(), t.warp, thread_count),
                        line, file);
     }
-    bool shuffle = op >= KLM_SHFL_IDX && op <= KLM_SHFL_XOR;
+    const bool shuffle = op >= KLM_SHFL_IDX && op <= KLM_SHFL_XOR;
     if (shuffle && (width < 1 || width > 32 || (width & (width - 1)) != 0)) {
-        fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
-                       format("%s (%s:%d): width %d is not a power of two in [1, 32]", name, file, line, width), line, file);
+        fail_and_abort(KLM_FAULT_WARP_SYNC, t, format("%s (%s:%d): width %d is not a power of two in [1, 32]", name, file, line, width),
+                       line, file);
     }
-    for (uint32_t lane = 0; lane < lanes; lane++) {
-        if (!(mask >> lane & 1u) || lane == t.lane) {
+    bool complete = true;
+    for (uint32_t k = 0; k < lanes; k++) {
+        if (!(mask >> k & 1u) || k == t.lane) {
             continue;
         }
-        const ThreadState& u = threads[base + lane];
+        const ThreadState& u = threads[base + k];
         Status status = u.status.load();
         if (status == Status::Exited) {
-            fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
+            fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                            format("%s (%s:%d) by lane %u of warp %u with mask 0x%08x: lane %u has already exited, so it can "
                                   "never join (a lane named in the mask skipped the call)",
-                                  name, file, line, t.lane, t.warp, mask, lane),
+                                  name, file, line, t.lane, t.warp, mask, k),
                            line, file);
         }
+        bool waiting_here = status == Status::Blocked && u.waiting == Waiting::Warp;
         if (status == Status::Blocked && u.waiting == Waiting::Barrier) {
-            fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
+            fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                            format("diverged warp %u: lane %u is at %s (%s:%d) with mask 0x%08x while lane %u waits at %s (%s:%d)",
-                                  t.warp, t.lane, name, file, line, mask, lane, barrier_name(u.op), u.file, u.line),
+                                  t.warp, t.lane, name, file, line, mask, k, barrier_name(u.op), u.file, u.line),
                            line, file);
         }
-        if (status == Status::Blocked && u.waiting == Waiting::Warp && u.mask != mask && (u.mask >> t.lane & 1u)) {
-            fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
+        if (waiting_here && u.mask != mask && (u.mask >> t.lane & 1u)) {
+            fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                            format("diverged warp %u: lane %u calls %s (%s:%d) with mask 0x%08x while lane %u waits at %s "
                                   "(%s:%d) with mask 0x%08x; both name each other, so neither can proceed",
-                                  t.warp, t.lane, name, file, line, mask, lane, warp_op_name(u.op), u.file, u.line, u.mask),
+                                  t.warp, t.lane, name, file, line, mask, k, warp_op_name(u.op), u.file, u.line, u.mask),
                            line, file);
         }
+        complete &= waiting_here && u.mask == mask;
     }
-    t.waiting = Waiting::Warp;
     t.op = op;
     t.mask = mask;
     t.value = value;
@@ -713,43 +962,35 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
     t.width = width;
     t.line = line;
     t.file = file;
-    for (uint32_t lane = 0; lane < lanes; lane++) {
-        if (mask >> lane & 1u) {
-            const ThreadState& u = threads[base + lane];
-            if (&u != &t && !(u.status.load() == Status::Blocked && u.waiting == Waiting::Warp && u.mask == mask)) {
-                block_until_released(t, lock);
-                return t.result;
-            }
-        }
+    if (!complete) {
+        t.waiting = Waiting::Warp;
+        t.status.store(Status::Blocked);
+        warp.in_warp_ops++;
+        suspend(t);
+        return t.result;
     }
     // Every lane of the mask is here: check they are at the same operation, then compute all results.
-    for (uint32_t lane = 0; lane < lanes; lane++) {
-        if (!(mask >> lane & 1u)) {
-            continue;
-        }
-        const ThreadState& u = threads[base + lane];
-        if (u.op != op || (op != KLM_SYNCWARP && !same_site(u.line, u.file, line, file))) {
-            t.waiting = Waiting::None;
-            fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
+    for (uint32_t k = 0; k < lanes; k++) {
+        const ThreadState& u = threads[base + k];
+        if ((mask >> k & 1u) && (u.op != op || (op != KLM_SYNCWARP && !same_site(u.line, u.file, line, file)))) {
+            fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                            format("diverged warp %u: lane %u is at %s (%s:%d) while lane %u is at %s (%s:%d), both with "
                                   "mask 0x%08x (warp operations in divergent code)",
-                                  t.warp, t.lane, name, file, line, lane, warp_op_name(u.op), u.file, u.line, mask),
+                                  t.warp, t.lane, name, file, line, k, warp_op_name(u.op), u.file, u.line, mask),
                            line, file);
         }
     }
-    uint32_t ballot = 0;
-    uint32_t sum = 0, and_bits = 0xffffffffu, or_bits = 0, xor_bits = 0;
-    uint32_t min_u = 0xffffffffu, max_u = 0;
+    uint32_t ballot = 0, sum = 0, and_bits = 0xffffffffu, or_bits = 0, xor_bits = 0, min_u = 0xffffffffu, max_u = 0;
     int32_t min_i = INT32_MAX, max_i = INT32_MIN;
     bool all_equal = true;
     const uint64_t first_value = threads[base + (uint32_t)__builtin_ctz(mask)].value;
-    for (uint32_t lane = 0; lane < lanes; lane++) {
-        if (!(mask >> lane & 1u)) {
+    for (uint32_t k = 0; k < lanes; k++) {
+        if (!(mask >> k & 1u)) {
             continue;
         }
-        uint64_t v = threads[base + lane].value;
+        uint64_t v = threads[base + k].value;
         uint32_t v32 = (uint32_t)v;
-        ballot |= (v != 0 ? 1u : 0u) << lane;
+        ballot |= (v != 0 ? 1u : 0u) << k;
         sum += v32;
         and_bits &= v32;
         or_bits |= v32;
@@ -760,42 +1001,39 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
         max_i = std::max(max_i, (int32_t)v32);
         all_equal &= v == first_value;
     }
-    for (uint32_t lane = 0; lane < lanes; lane++) {
-        if (!(mask >> lane & 1u)) {
+    for (uint32_t k = 0; k < lanes; k++) {
+        if (!(mask >> k & 1u)) {
             continue;
         }
-        ThreadState& u = threads[base + lane];
-        uint32_t segment = lane & ~(uint32_t)(u.width - 1);
-        uint32_t source = lane;
-        switch (op) {
-            case KLM_SHFL_IDX: source = segment + ((uint32_t)u.argument & (uint32_t)(u.width - 1)); break;
-            case KLM_SHFL_UP:
-                source = lane - (uint32_t)u.argument;
-                if ((int)lane - u.argument < (int)segment) {
-                    source = lane;
-                }
-                break;
-            case KLM_SHFL_DOWN:
-                source = lane + (uint32_t)u.argument;
-                if (source >= segment + (uint32_t)u.width || u.argument < 0) {
-                    source = lane;
-                }
-                break;
-            case KLM_SHFL_XOR:
-                source = lane ^ (uint32_t)u.argument;
-                if (source >= segment + (uint32_t)u.width) {
-                    source = lane;
-                }
-                break;
-            default: break;
-        }
+        ThreadState& u = threads[base + k];
         if (shuffle) {
+            uint32_t segment = k & ~(uint32_t)(u.width - 1);
+            uint32_t source = k;
+            switch (op) {
+                case KLM_SHFL_IDX: source = segment + ((uint32_t)u.argument & (uint32_t)(u.width - 1)); break;
+                case KLM_SHFL_UP:
+                    if (u.argument >= 0 && (int)k - u.argument >= (int)segment) {
+                        source = k - (uint32_t)u.argument;
+                    }
+                    break;
+                case KLM_SHFL_DOWN:
+                    if (u.argument >= 0 && k + (uint32_t)u.argument < segment + (uint32_t)u.width) {
+                        source = k + (uint32_t)u.argument;
+                    }
+                    break;
+                default: {   // KLM_SHFL_XOR
+                    uint32_t partner = k ^ (uint32_t)u.argument;
+                    if (partner < segment + (uint32_t)u.width) {
+                        source = partner;
+                    }
+                    break;
+                }
+            }
             if (!(mask >> source & 1u)) {
-                t.waiting = Waiting::None;
-                fail_and_abort(lock, KLM_FAULT_WARP_SYNC, t,
+                fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                                format("%s (%s:%d) with mask 0x%08x: lane %u of warp %u reads lane %u, which is not in the "
                                       "mask (its value is undefined on the GPU)",
-                                      name, file, line, mask, lane, t.warp, source),
+                                      name, file, line, mask, k, t.warp, source),
                                line, file);
             }
             u.result = threads[base + source].value;
@@ -828,22 +1066,23 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
         }
     }
     warp_generation[t.warp].fetch_add(1);
-    t.waiting = Waiting::None;
-    for (uint32_t lane = 0; lane < lanes; lane++) {
-        ThreadState& u = threads[base + lane];
-        if ((mask >> lane & 1u) && &u != &t) {
-            release(u);
+    for (uint32_t k = 0; k < lanes; k++) {
+        ThreadState& u = threads[base + k];
+        if ((mask >> k & 1u) && &u != &t) {
+            u.waiting = Waiting::None;
+            u.status.store(Status::Runnable);
+            warp.in_warp_ops--;
         }
     }
     return t.result;
 }
 
 uint32_t Block::active_mask(ThreadState& t) {
-    std::lock_guard<std::mutex> guard(mutex);
-    uint32_t base = t.warp * kWarpSize, result = 0;
-    for (uint32_t lane = 0; lane < kWarpSize && base + lane < thread_count; lane++) {
-        if (threads[base + lane].status.load() != Status::Exited) {
-            result |= 1u << lane;
+    const Warp& warp = *t.home;
+    uint32_t result = 0;
+    for (uint32_t k = 0; k < warp.lanes; k++) {
+        if (threads[warp.base + k].status.load() != Status::Exited) {
+            result |= 1u << k;
         }
     }
     return result;
@@ -900,7 +1139,7 @@ void check_global(ThreadState& t, uint64_t address, uint64_t size, bool write, b
     Launch& l = *b.launch;
     const klm_ranges& r = rt().ranges;
     uint64_t offset = address - r.device_low;
-    if (offset + size > r.device_span) {
+    if (offset + size > l.device_used) {   // never handed out: its shadow was never poisoned
         access_fault(t, KLM_FAULT_OUT_OF_BOUNDS, address, size, write, code,
                      format("%s of %llu bytes at 0x%llx runs past the end of the device arena", access_name(write, atomic),
                             (unsigned long long)size, (unsigned long long)address),
@@ -931,8 +1170,8 @@ void check_global(ThreadState& t, uint64_t address, uint64_t size, bool write, b
                 const char* kind = write ? (atomic ? "atomic-after-write" : "write-after-write") : "read-after-write";
                 std::string writer =
                     other == (b.serial_in_launch & 0x3ffffu)
-                        ? format("thread %u of the same block (linear index), with no __syncthreads between", other_thread)
-                        : format("thread %u (linear index) of block (%u,%u,%u), another block of this launch", other_thread,
+                        ? format("%s of the same block, with no __syncthreads between,", b.thread_name(other_thread).c_str())
+                        : format("%s of block (%u,%u,%u), another block of this launch,", b.thread_name(other_thread).c_str(),
                                  other % l.grid[0], other / l.grid[0] % l.grid[1], other / l.grid[0] / l.grid[1]);
                 access_fault(t, KLM_FAULT_RACE, address + i, 1, write, code,
                              format("%s race on device memory at 0x%llx: %s %ss it, %s%s wrote it", kind,
@@ -962,10 +1201,11 @@ void check_shared(ThreadState& t, uint64_t address, uint64_t index, uint64_t siz
         if (sw_serial(w) == serial && !(atomic && sw_a(w)) &&
             !ordered_in_block(b, t, sw_thread(w), sw_epoch(w), sw_generation(w), 0xffffu, 0xfffu)) {
             access_fault(t, KLM_FAULT_RACE, address + i, 1, write, code,
-                         format("%s race on shared memory at 0x%llx: %s %ss it, thread %u of the block (linear index) "
-                                "wrote it%s with no __syncthreads (or __syncwarp) between",
+                         format("%s race on shared memory at 0x%llx: %s %ss it, %s of the block wrote it%s with no "
+                                "__syncthreads (or __syncwarp) between",
                                 write ? "write-after-write" : "read-after-write", (unsigned long long)(address + i),
-                                b.where(t).c_str(), access_name(write, atomic), sw_thread(w), sw_a(w) ? " atomically" : ""),
+                                b.where(t).c_str(), access_name(write, atomic), b.thread_name(sw_thread(w)).c_str(),
+                                sw_a(w) ? " atomically" : ""),
                          line, file);
         }
         uint64_t r = __atomic_load_n(reader, __ATOMIC_RELAXED);
@@ -987,7 +1227,8 @@ void check_shared(ThreadState& t, uint64_t address, uint64_t index, uint64_t siz
                                  format("write-after-read race on shared memory at 0x%llx: %s %ss it while %s read it with no "
                                         "__syncthreads (or __syncwarp) between",
                                         (unsigned long long)(address + i), b.where(t).c_str(), access_name(write, atomic),
-                                        several ? "other threads of the block" : format("thread %u of the block (linear index)", reader_thread).c_str()),
+                                        several ? "other threads of the block"
+                                                : (b.thread_name(reader_thread) + " of the block").c_str()),
                                  line, file);
                 }
             }
@@ -1143,11 +1384,7 @@ unsigned long long api_atomic(int op, void* address, unsigned long long operand,
         case KLM_ATOMIC_AND_U64: return __atomic_fetch_and(u64, operand, __ATOMIC_RELAXED);
         case KLM_ATOMIC_OR_U64: return __atomic_fetch_or(u64, operand, __ATOMIC_RELAXED);
         case KLM_ATOMIC_XOR_U64: return __atomic_fetch_xor(u64, operand, __ATOMIC_RELAXED);
-        default: {
-            Block& b = *t.block;
-            std::unique_lock<std::mutex> lock(b.mutex);
-            b.fail_and_abort(lock, KLM_FAULT_INTERNAL, t, format("unknown atomic operation %d", op), line, file);
-        }
+        default: t.block->fail_and_abort(KLM_FAULT_INTERNAL, t, format("unknown atomic operation %d", op), line, file);
     }
 }
 
@@ -1167,11 +1404,9 @@ unsigned int api_active_mask() {
 
 void api_trap(const char* message, int line, const char* file) {
     ThreadState& t = current_thread();
-    Block& b = *t.block;
-    std::unique_lock<std::mutex> lock(b.mutex);
     bool assertion = strncmp(message, "assertion", 9) == 0;
-    b.fail_and_abort(lock, assertion ? KLM_FAULT_ASSERT : KLM_FAULT_TRAP, t,
-                     format("%s (%s:%d) in %s", message, file, line, b.where(t).c_str()), line, file);
+    t.block->fail_and_abort(assertion ? KLM_FAULT_ASSERT : KLM_FAULT_TRAP, t,
+                            format("%s (%s:%d) in %s", message, file, line, t.block->where(t).c_str()), line, file);
 }
 
 long long api_clock() {
@@ -1214,20 +1449,23 @@ void run_launch(Runtime& runtime, const klm_launch_desc& desc, klm_fault& caller
     Launch& launch = *owned;
     klm_fault& fault = *new klm_fault();
     launch.thunk = desc.thunk;
+    launch.enter = desc.enter;
     launch.params = desc.params;
     launch.device = static_cast<Device*>(desc.device);
     launch.fault = &fault;
     launch.launch_id = desc.launch_id;
+    launch.device_used = std::min<uint64_t>(desc.device_used_bytes, launch.device->arena_bytes);
     memcpy(launch.grid, desc.grid, sizeof launch.grid);
     memcpy(launch.dims, desc.block, sizeof launch.dims);
     launch.thread_count = desc.block[0] * desc.block[1] * desc.block[2];
     runtime.ranges.device_low = (uint64_t)(uintptr_t)launch.device->arena;
     runtime.ranges.device_span = launch.device->arena_bytes;
     prepare_shared(runtime, desc);
-    runtime.launch = &launch;
+    ensure_stacks(runtime, launch.thread_count);
 
     const uint64_t blocks = (uint64_t)desc.grid[0] * desc.grid[1] * desc.grid[2];
-    const int workers = std::max(1, std::min<int>(desc.parallelism, (int)launch.thread_count));
+    const int warps = (int)((launch.thread_count + kWarpSize - 1) / kWarpSize);
+    const int workers = std::max(1, std::min<int>(desc.parallelism, warps));
     auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(desc.timeout_ms);
     Block& block = runtime.block;
     for (uint64_t linear = 0; linear < blocks && fault.kind == KLM_FAULT_NONE; linear++) {
@@ -1244,9 +1482,10 @@ void run_launch(Runtime& runtime, const klm_launch_desc& desc, klm_fault& caller
         {
             std::lock_guard<std::mutex> guard(block.mutex);
             for (int i = 0; i < workers; i++) {
-                block.running_workers++;
-                block.attached_workers++;
-                runtime.pool.start(&block);
+                block.recruit_if_needed();
+            }
+            if (block.attached_workers == 0) {
+                break;   // not even one worker: the fault says why
             }
         }
         bool timed_out = false;
@@ -1259,7 +1498,6 @@ void run_launch(Runtime& runtime, const klm_launch_desc& desc, klm_fault& caller
                     snprintf(caller_fault.message + strlen(caller_fault.message),
                              sizeof caller_fault.message - strlen(caller_fault.message),
                              " The kernel's threads did not stop after the timeout; the emulator is unusable in this process.");
-                    runtime.launch = nullptr;
                     return;
                 }
                 std::lock_guard<std::mutex> guard(block.mutex);
@@ -1276,7 +1514,6 @@ void run_launch(Runtime& runtime, const klm_launch_desc& desc, klm_fault& caller
             futex_wait(&block.done, 0, &timeout);
         }
     }
-    runtime.launch = nullptr;
     caller_fault = fault;
     delete &fault;
     delete owned;
@@ -1320,20 +1557,14 @@ KLM_EXPORT void klm_device_destroy(void* handle) {
 }
 
 // Marks [offset, offset + bytes) of the arena addressable (and not yet written) or not addressable.
-// Large regions made unaddressable give their pages back to the system.
+// Large regions made unaddressable give their data pages back to the system.
 KLM_EXPORT void klm_device_mark(void* handle, unsigned long long offset, unsigned long long bytes, int addressable) {
     auto* device = static_cast<Device*>(handle);
     uint64_t* shadow = device->shadow + offset;
     if (!addressable && bytes >= (1u << 20)) {
-        const uint64_t page = 4096;
-        uint64_t begin = (offset + page - 1) / page * page, end = (offset + bytes) / page * page;
+        uint64_t begin = (offset + kPage - 1) / kPage * kPage, end = (offset + bytes) / kPage * kPage;
         if (end > begin) {
             madvise(device->arena + begin, end - begin, MADV_DONTNEED);
-            uint64_t shadow_begin = begin * sizeof(uint64_t), shadow_end = end * sizeof(uint64_t);
-            madvise(reinterpret_cast<unsigned char*>(device->shadow) + shadow_begin, shadow_end - shadow_begin, MADV_DONTNEED);
-            std::fill(shadow, device->shadow + begin, kShadowPoisoned);
-            std::fill(device->shadow + end, shadow + bytes, kShadowPoisoned);
-            return;
         }
     }
     std::fill(shadow, shadow + bytes, addressable ? kShadowClean : kShadowPoisoned);

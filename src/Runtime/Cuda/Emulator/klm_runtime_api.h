@@ -7,7 +7,7 @@
 // Plain C so that both sides and the C# declarations agree on the layout. Change KLM_API_VERSION with it.
 #pragma once
 
-#define KLM_API_VERSION 3
+#define KLM_API_VERSION 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -81,6 +81,8 @@ typedef struct klm_api {
 
 // What a kernel module exports (the C# loader looks these up by name).
 typedef void (*klm_thunk)(void** params, const klm_thread_info* info);
+// Sets the module's thread-local built-in variables for the lane about to run on this OS thread.
+typedef void (*klm_enter)(const klm_thread_info* info);
 
 typedef struct klm_kernel {
     const char* name;
@@ -91,6 +93,7 @@ typedef struct klm_kernel {
 // int klm_module_attach(const klm_api* api);                 -> KLM_API_VERSION of the module
 // const klm_kernel* klm_module_kernels(int* count);
 // void klm_module_static_shared(void** start, unsigned long long* size);
+// void klm_module_enter(const klm_thread_info* info);            (a klm_enter)
 
 // ------------------------------------------------------------------ runtime <-> C# (EmulatorRuntime.cs)
 
@@ -126,12 +129,13 @@ typedef struct klm_fault {
 typedef struct klm_launch_desc {
     void* device;                     // klm_device_create
     klm_thunk thunk;
-    const char* kernel_name;
+    klm_enter enter;                  // the module's klm_module_enter
     unsigned int grid[3];
     unsigned int block[3];
     unsigned int dynamic_shared_bytes;
-    unsigned int launch_id;           // 1..1023, cycles; the C# side resets the shadow when it wraps
+    unsigned int launch_id;           // 1..1022, cycles; the C# side resets the shadow when it wraps
     void** params;
+    unsigned long long device_used_bytes;   // arena bytes ever handed out (beyond: out of bounds)
     void* static_shared;
     unsigned long long static_shared_bytes;
     int parallelism;                  // OS threads that start a block's CUDA threads
