@@ -86,19 +86,23 @@ public sealed class NvrtcCompilerTests
             TestContext.Out.WriteLine("kernels/ has no .cu file yet: common.cuh is compiled by the test kernels");
         }
         var spills = new List<string>();
+        var report = new System.Text.StringBuilder();
         foreach (var source in KernelSources.All)
         {
             foreach (string arch in ShippedArchs)
             {
                 var compiled = NvrtcCompiler.Compile(source, arch, verbose: true);
-                Print(compiled);
-                var report = compiled.Report;
-                Assert.That(report.Functions.Where(f => f.IsEntry).Select(f => f.Name), Is.SupersetOf(source.EntryPoints),
+                report.Append(Print(compiled));
+                Assert.That(compiled.Report.Functions.Where(f => f.IsEntry).Select(f => f.Name), Is.SupersetOf(source.EntryPoints),
                     $"{source.FileName} ({arch}): ptxas compiled every extern \"C\" entry point");
-                spills.AddRange(report.Spilling.Where(function => !SpillAllowList.ContainsKey(function.Name))
+                spills.AddRange(compiled.Report.Spilling.Where(function => !SpillAllowList.ContainsKey(function.Name))
                     .Select(function => $"{source.FileName} {function}"));
             }
         }
+        // .ci/run prints this file after the tests: the register / spill report of every shipped kernel.
+        string artifacts = Path.Combine(TestPaths.RepositoryRoot, "artifacts");
+        Directory.CreateDirectory(artifacts);
+        File.WriteAllText(Path.Combine(artifacts, "ptxas-report.txt"), $"NVRTC {NvrtcCompiler.Info.Version}\n{report}");
         Assert.That(spills, Is.Empty, "register spills (fix the kernel, or allow-list it in SpillAllowList with a reason)");
     }
 
@@ -176,13 +180,16 @@ public sealed class NvrtcCompilerTests
     public void Architectures_are_sm_or_compute_names(string arch) =>
         Assert.That(() => NvrtcCompiler.Compile(CudaTestSupport.TestKernels, arch), Throws.ArgumentException.With.Message.Contains(arch));
 
-    private static void Print(CompiledKernel compiled)
+    private static string Print(CompiledKernel compiled)
     {
-        TestContext.Out.WriteLine(string.Create(CultureInfo.InvariantCulture,
+        var text = new System.Text.StringBuilder();
+        text.AppendLine(string.Create(CultureInfo.InvariantCulture,
             $"{compiled.FileName} {compiled.Arch}: {compiled.Image.Length} B {compiled.Kind} in {compiled.CompileTime.TotalMilliseconds:F0} ms"));
         foreach (var function in compiled.Report.Functions)
         {
-            TestContext.Out.WriteLine($"  {function}");
+            text.AppendLine($"  {function}");
         }
+        TestContext.Out.Write(text.ToString());
+        return text.ToString();
     }
 }
