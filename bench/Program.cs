@@ -16,12 +16,18 @@ namespace KernelLM.Bench;
 ///                      MemoryBandwidth rows of the same run: ~2 minutes for all suites on 2 cores.
 ///   --out-of-process   BenchmarkDotNet's default toolchain (generates and builds a child project per
 ///                      suite) instead of the in-process one used by default (see docs/benchmarks.md).
+///   --race             the CPU race against llama.cpp (<see cref="CpuRaceBenchmark"/>, a plain timed runner
+///                      in one process: both engines, same model, threads and prompt).
 /// </summary>
 public static class Program
 {
     public static int Main(string[] args)
     {
         ArgumentNullException.ThrowIfNull(args);
+        if (args.Contains("--race"))
+        {
+            return CpuRaceBenchmark.Run(args);
+        }
         var arguments = new List<string>(args);
         bool quick = arguments.Remove("--quick");
         bool outOfProcess = arguments.Remove("--out-of-process");

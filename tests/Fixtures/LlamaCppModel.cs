@@ -49,9 +49,14 @@ public sealed class LlamaCppModel : IDisposable
         }
     }
 
-    /// <summary>Loads <paramref name="ggufPath"/> (memory-mapped) with a context of <paramref name="contextSize"/>
-    /// tokens that takes batches of up to <paramref name="batchSize"/> tokens in one ubatch.</summary>
-    public static LlamaCppModel Load(string ggufPath, int threads, int contextSize, int batchSize)
+    /// <summary>
+    /// Loads <paramref name="ggufPath"/> (memory-mapped) with a context of <paramref name="contextSize"/> tokens
+    /// that takes batches of up to <paramref name="batchSize"/> tokens in one ubatch. <paramref name="conformance"/>
+    /// (the default) forces the F32 KV cache and plain attention described above; false keeps llama.cpp's own
+    /// defaults for both (F16 cache, flash attention "auto"), which is what the CPU race measures. Either way the
+    /// file is memory-mapped, llama.cpp's default (and what KernelLM does with safetensors).
+    /// </summary>
+    public static LlamaCppModel Load(string ggufPath, int threads, int contextSize, int batchSize, bool conformance = true)
     {
         Initialise();
         var parameters = new ModelParams(ggufPath)
@@ -63,10 +68,15 @@ public sealed class LlamaCppModel : IDisposable
             Threads = threads,
             BatchThreads = threads,
             GpuLayerCount = 0,
-            FlashAttention = false,
-            TypeK = GGMLType.GGML_TYPE_F32,
-            TypeV = GGMLType.GGML_TYPE_F32,
+            // llama.cpp's own default (use_mmap), as KernelLM maps safetensors; LLamaSharp's default reads the file into RAM.
+            LoadMode = LLamaLoadMode.MemoryMap,
         };
+        if (conformance)
+        {
+            parameters.FlashAttention = false;
+            parameters.TypeK = GGMLType.GGML_TYPE_F32;
+            parameters.TypeV = GGMLType.GGML_TYPE_F32;
+        }
         LLamaWeights? weights = null;
         try
         {
