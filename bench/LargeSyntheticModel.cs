@@ -102,32 +102,10 @@ public static class LargeSyntheticModel
     {
         var tensors = Tensors();
         int elementSize = dtype.SizeOf();
-        using var header = new MemoryStream();
-        using (var json = new Utf8JsonWriter(header))
-        {
-            json.WriteStartObject();
-            long offset = 0;
-            foreach (var (name, shape, _, _) in tensors)
-            {
-                long bytes = shape.Aggregate(1L, (product, dimension) => product * dimension) * elementSize;
-                json.WriteStartObject(name);
-                json.WriteString("dtype", dtype.ToSafeTensorsName());
-                json.WriteStartArray("shape");
-                foreach (int dimension in shape)
-                {
-                    json.WriteNumberValue(dimension);
-                }
-                json.WriteEndArray();
-                json.WriteStartArray("data_offsets");
-                json.WriteNumberValue(offset);
-                json.WriteNumberValue(offset + bytes);
-                json.WriteEndArray();
-                json.WriteEndObject();
-                offset += bytes;
-            }
-            json.WriteEndObject();
-        }
-        byte[] headerBytes = header.ToArray();
+        string headerJson = KernelLM.Tests.Fixtures.SafeTensorsWriter.Header(tensors
+            .Select(t => (t.Name, dtype, t.Shape, t.Shape.Aggregate(1L, (product, dimension) => product * dimension) * elementSize))
+            .ToList());
+        byte[] headerBytes = System.Text.Encoding.UTF8.GetBytes(headerJson);
         int padded = (headerBytes.Length + 7) / 8 * 8;
 
         string partial = path + ".partial";

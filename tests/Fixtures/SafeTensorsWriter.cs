@@ -25,6 +25,15 @@ public static class SafeTensorsWriter
         IReadOnlyDictionary<string, string>? metadata = null)
     {
         ArgumentNullException.ThrowIfNull(tensors);
+        return Header(tensors.Select(t => (t.Name, t.DType, t.Shape, (long)t.Data.Length)).ToList(), metadata);
+    }
+
+    /// <summary>The header for tensors stored back to back with the given byte lengths (for writers that stream
+    /// the data, like the benchmarks' 1B-shaped model).</summary>
+    public static string Header(IReadOnlyList<(string Name, DType DType, int[] Shape, long ByteLength)> tensors,
+        IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        ArgumentNullException.ThrowIfNull(tensors);
         using var stream = new MemoryStream();
         using (var json = new Utf8JsonWriter(stream))
         {
@@ -39,7 +48,7 @@ public static class SafeTensorsWriter
                 json.WriteEndObject();
             }
             long offset = 0;
-            foreach (var (name, dtype, shape, data) in tensors)
+            foreach (var (name, dtype, shape, byteLength) in tensors)
             {
                 json.WriteStartObject(name);
                 json.WriteString("dtype", dtype.ToSafeTensorsName());
@@ -51,7 +60,7 @@ public static class SafeTensorsWriter
                 json.WriteEndArray();
                 json.WriteStartArray("data_offsets");
                 json.WriteNumberValue(offset);
-                offset += data.Length;
+                offset += byteLength;
                 json.WriteNumberValue(offset);
                 json.WriteEndArray();
                 json.WriteEndObject();
