@@ -25,4 +25,25 @@ public static class Tolerances
     /// plus the score error propagated through exp: the same factor times max|score| x max|v|.</summary>
     public static double Attention(int headDim, int positions, double maxScore, double maxValue) =>
         (headDim + 2.0 * positions + 8) * UnitRoundoff * maxValue * (1 + maxScore);
+
+    /// <summary>
+    /// Relative error of the vocabulary reduction's sums: fp32 exponentials (a few ulp) summed in fp32 over a chunk
+    /// or a thread's slice of at most n terms (gamma_n), then combined in fp64 (CPU) or a 10-level fp32 tree (GPU).
+    /// </summary>
+    public static double VocabSum(int n) => (n + 16) * UnitRoundoff;
+
+    /// <summary>log-sum-exp and log-probs: the relative error of S1 becomes an absolute one, plus one rounding of |x|.</summary>
+    public static double VocabLogSumExp(int n, double maxAbsLogit) => VocabSum(n) + 2 * UnitRoundoff * maxAbsLogit;
+
+    /// <summary>Entropy log S1 - T / S1: T / S1 is a p-weighted mean of shifts x - m bounded by the largest finite shift.</summary>
+    public static double VocabEntropy(int n, double maxShift) => 3 * VocabSum(n) * (1 + maxShift);
+
+    /// <summary>Kurtosis (m4 - ...)/m2^2 from raw power moments: each moment carries (k + 1) times the sum error, so the
+    /// cancellation error is about 5 x that times the moments' magnitude over m2^2 (a relative error of the result).</summary>
+    public static double VocabKurtosis(int n, double powerMagnitude, double relativeVariance) =>
+        5 * VocabSum(n) * powerMagnitude / (relativeVariance * relativeVariance);
+
+    /// <summary>KL = Cross / S1 - L_p + L_q: two log-sum-exps and a weighted mean of |x - y|.</summary>
+    public static double VocabKl(int n, double maxAbsLogit, double maxDifference) =>
+        2 * VocabLogSumExp(n, maxAbsLogit) + 2 * VocabSum(n) * maxDifference;
 }
