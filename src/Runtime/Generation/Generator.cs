@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using KernelLM.Runtime.Sampling;
+using KernelLM.Runtime.Signals;
 
 namespace KernelLM.Runtime.Generation;
 
@@ -13,8 +14,13 @@ public sealed record GenerationOptions
     /// <summary>Stop when the model emits one of its EOS ids (the EOS itself is not streamed).</summary>
     public bool StopOnEos { get; init; } = true;
 
+    /// <summary>Per-token signals (entropy, kurtosis, log-prob, top alternatives) attached to each streamed token;
+    /// null (the default) computes none and costs nothing.</summary>
+    public TokenSignalOptions? Signals { get; init; }
+
     public void Validate()
     {
+        Signals?.Validate();
         if (MaxNewTokens < 1)
         {
             throw new InvalidParameterException("max-tokens", $"{MaxNewTokens} (must be >= 1)");
@@ -31,8 +37,9 @@ public sealed record GenerationOptions
 }
 
 /// <summary>One streamed token: its id, the text it completes (may be empty while a multi-byte character
-/// is incomplete), and log p(token | prefix) under the model's unmodified distribution.</summary>
-public readonly record struct GeneratedToken(int Id, string Text, float LogProbability);
+/// is incomplete), log p(token | prefix) under the model's unmodified distribution, and its signals when
+/// <see cref="GenerationOptions.Signals"/> asked for them. A final piece of held-back text has id -1.</summary>
+public readonly record struct GeneratedToken(int Id, string Text, float LogProbability, TokenSignals? Signals = null);
 
 public enum FinishReason
 {
@@ -51,6 +58,15 @@ public sealed class GenerationStats
     public TimeSpan PrefillTime { get; internal set; }
     public TimeSpan DecodeTime { get; internal set; }
     public FinishReason FinishReason { get; internal set; }
+
+    /// <summary>Sequence-level uncertainty of the streamed tokens; null unless signals were asked for.</summary>
+    public UncertaintySummary? Uncertainty => _uncertainty?.Summary;
+
+    private UncertaintyAccumulator? _uncertainty;
+
+    internal void TrackUncertainty() => _uncertainty = new UncertaintyAccumulator();
+
+    internal void Add(TokenSignals signals) => _uncertainty?.Add(signals);
 
     public double PrefillTokensPerSecond => PrefillTime > TimeSpan.Zero ? PromptTokens / PrefillTime.TotalSeconds : 0;
 
@@ -95,6 +111,17 @@ public static class Generator
         var stops = new StopStringMatcher(options.StopStrings);
         var eos = tokenizer.EosTokenIds;
         stats.PromptTokens = prompt.Length;
+        int topK = options.Signals?.TopK ?? 0;
+        float[]? rowStats = null;
+        int[] topIds = [];
+        float[] topLogProbs = [];
+        if (options.Signals is not null)
+        {
+            rowStats = new float[VocabStats.FieldCount];
+            topIds = new int[topK];
+            topLogProbs = new float[topK];
+            stats.TrackUncertainty();
+        }
 
         session.Reset();
         var clock = Stopwatch.StartNew();
@@ -114,7 +141,15 @@ public static class Generator
             }
             history[length++] = token;
             string text = stops.Push(detokenizer.Push(token));
-            yield return new GeneratedToken(token, text, logProbability);
+            TokenSignals? signals = null;
+            if (rowStats is not null)
+            {
+                // The same raw distribution the log-prob above describes, in one fused pass.
+                VocabStats.ReduceRow(logits, token, [], topK, rowStats, topIds, topLogProbs);
+                signals = TokenSignals.FromStats(token, rowStats, topIds, topLogProbs);
+                stats.Add(signals);
+            }
+            yield return new GeneratedToken(token, text, logProbability, signals);
             if (stops.Stopped)
             {
                 stats.FinishReason = FinishReason.StopString;
