@@ -207,9 +207,6 @@ public sealed class KernelConformanceTests
     public void argmax(string deviceName, DType dtype, int rows, int cols)
     {
         var device = ConformanceDevices.Get(deviceName);
-        if (dtype != DType.F32)
-        {
-            }
         var x = OpBackend.Representable(dtype, Random(rows + cols, rows * cols, 10));
         var random = new Random(cols);
         for (int r = 0; r < rows; r++)
@@ -223,5 +220,73 @@ public sealed class KernelConformanceTests
         var output = device.Argmax(dtype, x, cols);
         var expected = Enumerable.Range(0, rows).Select(r => Array.IndexOf(x, x.Skip(r * cols).Take(cols).Max(), r * cols) - r * cols).ToArray();
         Assert.That(output, Is.EqualTo(expected), $"argmax({dtype}, rows={rows}, cols={cols})");
+    }
+
+    public static IEnumerable<TestCaseData> GemvCases() => Cases("gemv", device =>
+        from dtype in device.Activations
+        from shape in new[] { (1, 8), (7, 100), (37, 256), (64, 2048), (300, 264) }
+        from tokens in new[] { 1, 3, 8 }
+        where tokens == 1 || shape.Item1 <= 64
+        from extras in new[] { 0, 1, 2 }
+        where extras == 0 || (shape.Item1 == 37 && tokens == 3)
+        select new object[] { dtype, P("rows", shape.Item1), P("cols", shape.Item2), P("tokens", tokens), P("bias", extras & 1), P("residual", extras >> 1) });
+
+    /// <summary>The decode GEMV: a dot product per output (fp32 accumulation) plus bias, residual and the
+    /// storage rounding of the output dtype. cols 100 and 264 are not multiples of the 16-byte vector (the
+    /// scalar path); 300 rows leave a partial block.</summary>
+    [TestCaseSource(nameof(GemvCases))]
+    public void gemv(string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual)
+    {
+        var device = ConformanceDevices.Get(deviceName);
+        var weight = OpBackend.Representable(dtype, Random(rows * 31 + cols, rows * cols));
+        var x = OpBackend.Representable(dtype, Random(tokens + cols, tokens * cols, 2));
+        var biasValues = bias == 1 ? Random(rows, rows, 0.5) : null;
+        var residualValues = residual == 1 ? OpBackend.Representable(dtype, Random(rows + 5, tokens * rows, 3)) : null;
+        var output = device.Gemv(dtype, weight, rows, cols, x, biasValues, residualValues);
+        var xs = x.Select(v => (double)v).ToArray();
+        var ws = weight.Select(v => (double)v).ToArray();
+        var expected = ReferenceOps.Linear(xs, tokens, ws, rows, cols, biasValues?.Select(v => (double)v).ToArray());
+        var magnitude = ReferenceOps.LinearMagnitude(xs, tokens, ws, rows, cols);
+        if (residualValues is not null)
+        {
+            for (int i = 0; i < expected.Length; i++)
+            {
+                expected[i] += residualValues[i];
+                magnitude[i] += Math.Abs(residualValues[i]);
+            }
+        }
+        AssertClose(output, expected, i => Tolerances.DotProduct(cols + 2, magnitude[i]) + StorageRoundoff(dtype) * Math.Abs(expected[i]) + StorageFloor(dtype),
+            $"gemv({deviceName}, {dtype}, rows={rows}, cols={cols}, tokens={tokens})");
+    }
+
+    public static IEnumerable<TestCaseData> GemvSiluCases() => Cases("gemv_silu", device =>
+        from dtype in device.Activations
+        from shape in new[] { (5, 24), (33, 200), (64, 1024) }
+        from tokens in new[] { 1, 4 }
+        select new object[] { dtype, P("rows", shape.Item1), P("cols", shape.Item2), P("tokens", tokens) });
+
+    /// <summary>Gate and up GEMVs fused with SwiGLU: the gate's error passes through silu' (at most 1.1) times |up|,
+    /// the up's error times |silu(gate)|; then the output's storage rounding.</summary>
+    [TestCaseSource(nameof(GemvSiluCases))]
+    public void gemv_silu(string deviceName, DType dtype, int rows, int cols, int tokens)
+    {
+        var device = ConformanceDevices.Get(deviceName);
+        var gate = OpBackend.Representable(dtype, Random(rows + 3 * cols, rows * cols));
+        var up = OpBackend.Representable(dtype, Random(rows + 5 * cols, rows * cols));
+        var x = OpBackend.Representable(dtype, Random(tokens * 7 + cols, tokens * cols, 2));
+        var output = device.GemvSilu(dtype, gate, up, rows, cols, x);
+        var xs = x.Select(v => (double)v).ToArray();
+        var gs = gate.Select(v => (double)v).ToArray();
+        var us = up.Select(v => (double)v).ToArray();
+        var g = ReferenceOps.Linear(xs, tokens, gs, rows, cols);
+        var u = ReferenceOps.Linear(xs, tokens, us, rows, cols);
+        var gMagnitude = ReferenceOps.LinearMagnitude(xs, tokens, gs, rows, cols);
+        var uMagnitude = ReferenceOps.LinearMagnitude(xs, tokens, us, rows, cols);
+        var expected = g.Select((v, i) => ReferenceOps.Silu(v) * u[i]).ToArray();
+        AssertClose(output, expected,
+            i => 1.1 * Tolerances.DotProduct(cols, gMagnitude[i]) * (Math.Abs(u[i]) + Tolerances.DotProduct(cols, uMagnitude[i]))
+                + Math.Abs(ReferenceOps.Silu(g[i])) * Tolerances.DotProduct(cols, uMagnitude[i])
+                + (StorageRoundoff(dtype) + 8 * Tolerances.UnitRoundoff) * Math.Abs(expected[i]) + StorageFloor(dtype),
+            $"gemv_silu({deviceName}, {dtype}, rows={rows}, cols={cols}, tokens={tokens})");
     }
 }

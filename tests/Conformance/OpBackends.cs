@@ -27,6 +27,12 @@ public abstract class OpBackend : IDisposable
 
     public abstract int[] Argmax(DType dtype, float[] x, int cols);
 
+    /// <summary>y = x W^T (+ bias) (+ residual): weight [rows, cols], x [tokens, cols], y [tokens, rows]; one dtype.</summary>
+    public abstract float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual);
+
+    /// <summary>y = silu(x G^T) * (x U^T): gate, up [rows, cols]; x [tokens, cols].</summary>
+    public abstract float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x);
+
     public void Dispose()
     {
         Dispose(disposing: true);
@@ -77,7 +83,38 @@ public abstract class OpBackend : IDisposable
 /// <summary>The CPU device: the engine's own CPU ops (fp32 activations).</summary>
 public sealed unsafe class CpuOpBackend : OpBackend
 {
+    private readonly CpuDevice _device = new(threads: 2, scratchFloats: 1 << 16);
+
     public override string Name => "cpu";
+
+    public override float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
+    {
+        int tokens = x.Length / cols;
+        var y = residual is null ? new float[tokens * rows] : (float[])residual.Clone();
+        byte[] bytes = Encode(dtype, weight);
+        fixed (byte* data = bytes)
+        {
+            _device.Linear(x, tokens, new WeightMatrix("weight", dtype, rows, cols, data), bias, y, accumulate: residual is not null);
+        }
+        return y;
+    }
+
+    public override float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x)
+    {
+        var g = Gemv(dtype, gate, rows, cols, x, null, null);
+        var u = Gemv(dtype, up, rows, cols, x, null, null);
+        CpuDevice.SiluMultiply(g, u, new float[g.Length]);
+        return g;
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _device.Dispose();
+        }
+        base.Dispose(disposing);
+    }
 
     public override float[] Embedding(DType tableDType, float[] table, int rows, int cols, int[] ids)
     {
@@ -215,6 +252,28 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         using var output = device.Allocate("out", DType.I32, x.Length / cols);
         CudaOps.Argmax(device, input, cols, output);
         return output.Download<int>();
+    }
+
+    public override float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
+    {
+        int tokens = x.Length / cols;
+        using var weightTensor = Upload("weight", dtype, weight, rows, cols);
+        using var input = Upload("x", dtype, x, tokens, cols);
+        using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
+        using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
+        CudaOps.Gemv(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
+        return Read(output);
+    }
+
+    public override float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x)
+    {
+        int tokens = x.Length / cols;
+        using var gateTensor = Upload("gate", dtype, gate, rows, cols);
+        using var upTensor = Upload("up", dtype, up, rows, cols);
+        using var input = Upload("x", dtype, x, tokens, cols);
+        using var output = device.Allocate("y", dtype, tokens, rows);
+        CudaOps.GemvSilu(device, gateTensor, upTensor, input, output);
+        return Read(output);
     }
 
     protected override void Dispose(bool disposing)

@@ -1,0 +1,92 @@
+namespace KernelLM.Runtime.Cuda.Ops;
+
+public static partial class CudaOps
+{
+    /// <summary>Most tokens one decode GEMV launch multiplies (KLM_GEMV_MAX_TOKENS); prefill uses GEMM.</summary>
+    public const int GemvMaxTokens = 8;
+
+    private const int GemvRowsPerWarp = 2;
+    private const int GemvWarps = 4;
+
+    /// <summary>
+    /// y = x W^T (+ bias) (+ residual): weight [rows, cols], x [tokens, cols], y [tokens, rows], all one dtype
+    /// (F32/BF16/F16); bias [rows] F32 or null; residual [tokens, rows] or null (may be y itself: the fused
+    /// residual add). tokens &lt;= <see cref="GemvMaxTokens"/>.
+    /// </summary>
+    public static void Gemv(CudaDevice device, DeviceTensor weight, DeviceTensor x, DeviceTensor y, DeviceTensor? bias = null,
+        DeviceTensor? residual = null, nint stream = 0)
+    {
+        const string op = "gemv";
+        var (rows, cols, tokens) = GemvShapes(op, weight, x, y);
+        if (bias is not null)
+        {
+            RequireDType(bias, op, DType.F32);
+            RequireElements(bias, rows, op, $"[{rows}]");
+        }
+        if (residual is not null)
+        {
+            RequireSameDType(residual, y, op);
+            RequireElements(residual, (long)tokens * rows, op, $"[{tokens}, {rows}]");
+        }
+        LaunchGemv(device, $"gemv_{Suffix(weight.DType)}", [weight.Address, x.Address, bias?.Address ?? 0, residual?.Address ?? 0, y.Address],
+            rows, cols, tokens, stream);
+    }
+
+    /// <summary>y = silu(x G^T) * (x U^T): the MLP's gate and up projections and SwiGLU in one pass over x.
+    /// gate, up [rows, cols]; x [tokens, cols]; y [tokens, rows]; one dtype.</summary>
+    public static void GemvSilu(CudaDevice device, DeviceTensor gate, DeviceTensor up, DeviceTensor x, DeviceTensor y, nint stream = 0)
+    {
+        const string op = "gemv_silu";
+        var (rows, cols, tokens) = GemvShapes(op, gate, x, y);
+        RequireSameDType(up, gate, op);
+        if (up.Shape.Length != 2 || up.Shape[0] != rows || up.Shape[1] != cols)
+        {
+            throw new ArgumentException($"{op}: tensor '{up.Name}' {up.ShapeText} must match '{gate.Name}' {gate.ShapeText}");
+        }
+        LaunchGemv(device, $"gemv_silu_{Suffix(gate.DType)}", [gate.Address, up.Address, x.Address, y.Address], rows, cols, tokens, stream);
+    }
+
+    private static (int Rows, int Cols, int Tokens) GemvShapes(string op, DeviceTensor weight, DeviceTensor x, DeviceTensor y)
+    {
+        RequireDType(weight, op, DType.F32, DType.BF16, DType.F16);
+        RequireSameDType(x, weight, op);
+        RequireSameDType(y, weight, op);
+        if (weight.Shape.Length != 2)
+        {
+            throw new ArgumentException($"{op}: weight '{weight.Name}' {weight.ShapeText} is not [rows, cols]");
+        }
+        int rows = weight.Shape[0];
+        int cols = weight.Shape[1];
+        if (cols == 0 || x.ElementCount % cols != 0)
+        {
+            throw new ArgumentException($"{op}: tensor '{x.Name}' {x.ShapeText} is not [tokens, {cols}] (cols of '{weight.Name}')");
+        }
+        int tokens = checked((int)(x.ElementCount / cols));
+        if (tokens > GemvMaxTokens)
+        {
+            throw new ArgumentException($"{op}: tensor '{x.Name}' holds {tokens} tokens; the decode GEMV takes at most {GemvMaxTokens} (prefill uses GEMM)");
+        }
+        RequireElements(y, (long)tokens * rows, op, $"[{tokens}, {rows}]");
+        return (rows, cols, tokens);
+    }
+
+    private static void LaunchGemv(CudaDevice device, string kernel, ReadOnlySpan<ulong> pointerArguments, int rows, int cols, int tokens, nint stream)
+    {
+        if (rows == 0 || tokens == 0)
+        {
+            return;
+        }
+        Span<byte> values = stackalloc byte[KernelArguments.ValueBytes];
+        Span<nint> pointers = stackalloc nint[KernelArguments.MaxArguments];
+        var arguments = new KernelArguments(values, pointers);
+        foreach (ulong pointer in pointerArguments)
+        {
+            arguments.Add(pointer);
+        }
+        arguments.Add(rows);
+        arguments.Add(cols);
+        arguments.Add(tokens);
+        int rowsPerBlock = GemvWarps * GemvRowsPerWarp;
+        device.Backend.Launch(device.Function(kernel), new Dim3(Blocks(rows, rowsPerBlock)), new Dim3(GemvWarps * 32), 0, stream, arguments.Pointers);
+    }
+}
