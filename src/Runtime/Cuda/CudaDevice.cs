@@ -79,9 +79,9 @@ public sealed class DeviceTensor : IDisposable
 
     internal DeviceTensor(CudaDevice device, string name, DType dtype, int[] shape)
     {
-        if (!dtype.IsSupported() && dtype != DType.I32)
+        if (!dtype.IsSupported() && dtype is not (DType.I32 or DType.F64 or DType.U64))
         {
-            throw new ArgumentException($"tensor '{name}': dtype {dtype} is not a device dtype (F32, F16, BF16, I32)");
+            throw new ArgumentException($"tensor '{name}': dtype {dtype} is not a device dtype (F32, F16, BF16; I32, F64, U64 for ids, draws and counters)");
         }
         _device = device;
         Name = name;
