@@ -75,11 +75,14 @@ public static class Program
         var seed = new Option<int?>("--seed") { Description = "Random seed (same seed, same output)" };
         var stop = new Option<string[]>("--stop") { Description = "Stop at this text (repeatable)", AllowMultipleArgumentsPerToken = false };
         var device = new DeviceOptions();
+        var reports = new ReportOptions();
         var command = new Command(name, description) { model, prompt, maxTokens, temperature, topK, topP, minP, repetition, seed, stop };
         device.AddTo(command);
+        reports.AddTo(command);
         command.SetAction(result => Guard(result, errors, () =>
         {
             string directory = result.GetValue(model) ?? LanguageModel.DefaultModelDirectory;
+            var report = reports.Read(result);
             var options = new GenerationOptions
             {
                 MaxNewTokens = result.GetValue(maxTokens),
@@ -93,11 +96,13 @@ public static class Program
                     RepetitionPenalty = result.GetValue(repetition),
                     Seed = result.GetValue(seed),
                 },
+                Signals = report?.Signals,
             };
             options.Validate();
             string text = result.GetValue(prompt) ?? DefaultPrompt;
             using var language = LoadWithProgress(directory, device.Read(result), errors);
             var stats = new GenerationStats();
+            var collector = report is null ? null : ReportRequest.Collect(language, text);
             output.Write(text);
             output.Flush();
             using var cancel = new CancellationTokenSource();
@@ -111,6 +116,7 @@ public static class Program
             {
                 foreach (var token in language.Generate(text, options, stats, cancel.Token))
                 {
+                    collector?.Add(token);
                     output.Write(token.Text);
                     output.Flush();
                 }
@@ -127,6 +133,7 @@ public static class Program
             output.WriteLine();
             output.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"[{stats.GeneratedTokens} tokens, prompt {stats.PromptTokens} tokens at {stats.PrefillTokensPerSecond:F1} tok/s, decode {stats.DecodeTokensPerSecond:F1} tokens/s, {language.DeviceName}, finished: {stats.FinishReason}]"));
+            report?.Write(collector!.Build(stats.FinishReason), errors);
             return 0;
         }));
         return command;
