@@ -26,14 +26,14 @@ public static class Program
         root.Subcommands.Add(GenerateCommand("run", "Generate a story from the embedded default model (tiny-stories) and print tokens/s.", embeddedDefault: true, output, errors));
         root.Subcommands.Add(GenerateCommand("generate", "Generate text from a Hugging Face model folder.", embeddedDefault: false, output, errors));
         root.Subcommands.Add(InfoCommand(output, errors));
-        root.Subcommands.Add(ScoreCommand(output, errors));
+        root.Subcommands.Add(ScoreCommand.Create(output, errors));
         root.Subcommands.Add(DoctorCommand.Create(output));
         return root;
     }
 
     // ------------------------------------------------------------------ shared options
 
-    private sealed class DeviceOptions
+    internal sealed class DeviceOptions
     {
         public Option<string> Device { get; } = new("--device") { Description = "auto | cpu", DefaultValueFactory = _ => "auto" };
         public Option<int> Threads { get; } = new("--threads") { Description = "CPU threads (0 = one per core)", DefaultValueFactory = _ => 0 };
@@ -54,7 +54,7 @@ public static class Program
         };
     }
 
-    private static Option<string> ModelOption(bool required) => new("--model", "-m")
+    internal static Option<string> ModelOption(bool required) => new("--model", "-m")
     {
         Description = required ? "Model folder (config.json, *.safetensors, tokenizer.json)" : "Model folder (default: the embedded tiny-stories)",
         Required = required,
@@ -184,56 +184,14 @@ public static class Program
         return command;
     }
 
-    // ------------------------------------------------------------------ score
-
-    private static Command ScoreCommand(TextWriter output, TextWriter errors)
-    {
-        var model = ModelOption(required: true);
-        var text = new Option<string>("--text") { Description = "Text to score (teacher forcing)", Required = true };
-        var json = new Option<bool>("--json") { Description = "One JSON object per line per position" };
-        var device = new DeviceOptions();
-        var command = new Command("score", "Per-token log-probs and entropies of a text under the model.") { model, text, json };
-        device.AddTo(command);
-        command.SetAction(result => Guard(result, errors, () =>
-        {
-            using var language = LoadWithProgress(result.GetValue(model)!, device.Read(result), errors);
-            var scores = language.Score(result.GetValue(text)!);
-            if (result.GetValue(json))
-            {
-                foreach (var score in scores)
-                {
-                    output.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"{{\"position\": {score.Position}, \"token\": {score.Token}, \"logprob\": {JsonNumber(score.LogProbability)}, \"entropy\": {JsonNumber(score.Entropy)}}}"));
-                }
-                return 0;
-            }
-            var table = new Table().AddColumn("position").AddColumn("token").AddColumn("text").AddColumn("logprob").AddColumn("entropy");
-            foreach (var score in scores)
-            {
-                table.AddRow(score.Position.ToString(CultureInfo.InvariantCulture), score.Token.ToString(CultureInfo.InvariantCulture),
-                    Markup.Escape(language.Tokenizer.Decode([score.Token])), score.LogProbability.ToString("F4", CultureInfo.InvariantCulture),
-                    score.Entropy.ToString("F4", CultureInfo.InvariantCulture));
-            }
-            var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });
-            console.Write(table);
-            double total = scores.Sum(s => (double)s.LogProbability);
-            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"sum logprob {total:F4}, perplexity {Math.Exp(-total / scores.Count):F4}"));
-            return 0;
-        }));
-        return command;
-    }
-
     // ------------------------------------------------------------------ helpers
-
-    private static string JsonNumber(float value) =>
-        float.IsFinite(value) ? value.ToString("R", CultureInfo.InvariantCulture) : "null";
 
     private static string FormatBytes(long bytes) =>
         bytes >= 1 << 30 ? string.Create(CultureInfo.InvariantCulture, $"{bytes / (double)(1 << 30):F2} GiB")
         : string.Create(CultureInfo.InvariantCulture, $"{bytes / (double)(1 << 20):F2} MiB");
 
     /// <summary>Loads the model; when that takes long and stderr is a terminal, shows a progress bar.</summary>
-    private static LanguageModel LoadWithProgress(string directory, ModelLoadOptions options, TextWriter errors)
+    internal static LanguageModel LoadWithProgress(string directory, ModelLoadOptions options, TextWriter errors)
     {
         if (Console.IsErrorRedirected || !ReferenceEquals(errors, Console.Error))
         {
@@ -257,7 +215,7 @@ public static class Program
         return load.GetAwaiter().GetResult();
     }
 
-    private static int Guard(ParseResult result, TextWriter errors, Func<int> action)
+    internal static int Guard(ParseResult result, TextWriter errors, Func<int> action)
     {
         try
         {

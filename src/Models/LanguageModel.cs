@@ -1,14 +1,11 @@
 using System.Runtime.CompilerServices;
 using KernelLM.Models.Llama;
+using KernelLM.Models.Scoring;
 using KernelLM.Models.Tokenization;
 using KernelLM.Runtime;
 using KernelLM.Runtime.Generation;
-using KernelLM.Runtime.Sampling;
 
 namespace KernelLM.Models;
-
-/// <summary>log p(token | tokens before it) and the entropy (nats) of that predicted distribution.</summary>
-public readonly record struct TokenScore(int Position, int Token, float LogProbability, float Entropy);
 
 /// <summary>
 /// The embeddable engine: load a model folder once, then generate or score many times. One sequence state
@@ -17,6 +14,8 @@ public readonly record struct TokenScore(int Position, int Token, float LogProba
 /// </summary>
 public sealed class LanguageModel : IDisposable
 {
+    private static long s_loads;
+
     private readonly SemaphoreSlim _gate = new(1, 1);
     private readonly LlamaSession _session;
     private readonly HfTokenizer _tokenizer;
@@ -112,63 +111,39 @@ public sealed class LanguageModel : IDisposable
 
     /// <summary>
     /// Teacher-forced scores of <paramref name="text"/> (tokenized with BOS as the tokenizer config says):
-    /// for every position i >= 1, log p(token_i | tokens before i) and the entropy of that distribution.
+    /// for every position i >= 1, log p(token_i | tokens before i), the entropy, kurtosis and margin of that
+    /// distribution (<see cref="Scorer"/>, which also scores against a reference model).
     /// </summary>
     public IReadOnlyList<TokenScore> Score(string text) => Score(_tokenizer.Encode(text));
 
     public IReadOnlyList<TokenScore> Score(int[] ids)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
-        ArgumentNullException.ThrowIfNull(ids);
-        if (ids.Length < 2)
-        {
-            throw new InvalidParameterException("text", $"encodes to {ids.Length} token(s); scoring needs at least 2");
-        }
-        if (ids.Length > _session.Capacity)
-        {
-            throw new ContextLengthException($"the text is {ids.Length} tokens; the context holds {_session.Capacity}");
-        }
-        int vocabulary = Config.VocabularySize;
-        var scores = new TokenScore[ids.Length - 1];
-        _gate.Wait();
-        try
-        {
-            _session.Reset();
-            int chunk = Math.Max(1, Model.Options.PrefillChunk);
-            var logits = new float[(long)chunk * vocabulary];
-            for (int start = 0; start < ids.Length - 1; start += chunk)
-            {
-                int count = Math.Min(chunk, ids.Length - 1 - start);
-                _session.Forward(ids.AsSpan(start, count), logits, allPositions: true);
-                for (int t = 0; t < count; t++)
-                {
-                    var row = logits.AsSpan(t * vocabulary, vocabulary);
-                    int position = start + t + 1;
-                    scores[position - 1] = new TokenScore(position, ids[position], Sampler.LogProbability(row, ids[position]), Entropy(row));
-                }
-            }
-        }
-        finally
-        {
-            _gate.Release();
-        }
-        return scores;
+        using var scorer = new Scorer(this);
+        return scorer.Score(ids).Positions;
     }
 
-    /// <summary>H = -sum p log p of softmax(logits), in nats, fp64 accumulation.</summary>
-    public static float Entropy(ReadOnlySpan<float> logits)
+    internal HfTokenizer HfTokenizer => _tokenizer;
+
+    /// <summary>
+    /// Exclusive use of this model's sequence state until the lease is disposed (generation waits meanwhile).
+    /// Leases on two models are taken in load order (<see cref="LoadOrder"/>), so that two scorers holding the
+    /// same pair in opposite roles cannot deadlock.
+    /// </summary>
+    internal SessionLease LeaseSession()
     {
-        double logNormaliser = Sampler.LogSumExp(logits);
-        double entropy = 0;
-        foreach (float logit in logits)
-        {
-            double logP = logit - logNormaliser;
-            if (!double.IsNegativeInfinity(logP))
-            {
-                entropy -= Math.Exp(logP) * logP;
-            }
-        }
-        return (float)entropy;
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        _gate.Wait();
+        return new SessionLease(_session, _gate);
+    }
+
+    internal long LoadOrder { get; } = Interlocked.Increment(ref s_loads);
+
+    internal readonly struct SessionLease(LlamaSession session, SemaphoreSlim gate) : IDisposable
+    {
+        public LlamaSession Session { get; } = session;
+
+        public void Dispose() => gate.Release();
     }
 
     public void Dispose()

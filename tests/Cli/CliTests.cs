@@ -57,7 +57,7 @@ public sealed class CliTests
         {
             using var line = JsonDocument.Parse(lines[i]);
             var root = line.RootElement;
-            Assert.That(root.EnumerateObject().Select(p => p.Name), Is.EqualTo(new[] { "position", "token", "logprob", "entropy" }));
+            Assert.That(root.EnumerateObject().Select(p => p.Name), Is.EqualTo(new[] { "position", "token", "logprob", "entropy", "kurtosis", "margin" }));
             Assert.That(root.GetProperty("position").GetInt32(), Is.EqualTo(i + 1));
             Assert.That(root.GetProperty("logprob").GetDouble(), Is.LessThanOrEqualTo(0));
             Assert.That(root.GetProperty("entropy").GetDouble(), Is.InRange(0, Math.Log(2048)));

@@ -80,7 +80,7 @@ public sealed class GoldenTests
         TestContext.Out.WriteLine($"{name}: max |logit - golden| = {maxError:E3}");
         Assert.That(maxError, Is.LessThanOrEqualTo(LogitTolerance));
 
-        double entropy = LanguageModel.Entropy(logits);
+        double entropy = ReferenceOps.Entropy(logits);
         Assert.That(entropy, Is.EqualTo(prompt.GetProperty("entropy_last_nats").GetDouble()).Within(EntropyTolerance));
 
         var top5 = prompt.GetProperty("top5").EnumerateArray().ToArray();
@@ -155,12 +155,12 @@ public sealed class GoldenTests
             Assert.That(score.Position, Is.EqualTo(position));
             Assert.That(score.Token, Is.EqualTo(ids[position]));
             Assert.That(score.LogProbability, Is.EqualTo(ReferenceOps.LogSoftmax(logits)[ids[position]]).Within(1e-4));
-            Assert.That(score.Entropy, Is.EqualTo(LanguageModel.Entropy(logits)).Within(1e-4));
+            Assert.That(score.Entropy, Is.EqualTo(ReferenceOps.Entropy(logits)).Within(1e-4));
         }
         double lastEntropy = prompt.GetProperty("entropy_last_nats").GetDouble();
         session.Reset();
         session.Forward(ids, logits);
-        Assert.That(LanguageModel.Entropy(logits), Is.EqualTo(lastEntropy).Within(EntropyTolerance));
+        Assert.That(ReferenceOps.Entropy(logits), Is.EqualTo(lastEntropy).Within(EntropyTolerance));
     }
 
     [Test]

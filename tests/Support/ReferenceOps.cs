@@ -151,4 +151,18 @@ public static class ReferenceOps
         }
         return result;
     }
+
+    /// <summary>H = -sum p log p of softmax(logits), in nats (fp64; -inf entries contribute nothing).</summary>
+    public static double Entropy(ReadOnlySpan<float> logits)
+    {
+        double entropy = 0;
+        foreach (double logP in LogSoftmax(logits))
+        {
+            if (!double.IsNegativeInfinity(logP))
+            {
+                entropy -= Math.Exp(logP) * logP;
+            }
+        }
+        return entropy;
+    }
 }

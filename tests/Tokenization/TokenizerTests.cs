@@ -72,4 +72,46 @@ public sealed class TokenizerTests
             Directory.Delete(folder, recursive: true);
         }
     }
+
+    [Test]
+    public void Vocabulary_reads_the_id_table_and_fingerprints_it()
+    {
+        using var tokenizer = HfTokenizer.Load(TestPaths.TinyStories, bosTokenId: 0, eosTokenIds: [1]);
+        var vocabulary = tokenizer.Vocabulary;
+        Assert.That(vocabulary.Size, Is.EqualTo(2048));
+        Assert.That(vocabulary[0], Is.EqualTo("<|bos|>"));
+        Assert.That(vocabulary[325], Is.EqualTo("Once"));
+        Assert.That(vocabulary[2048], Is.Null);
+        Assert.That(vocabulary.Fingerprint, Has.Length.EqualTo(64));
+        var copy = TokenizerVocabulary.Read(Path.Combine(TestPaths.TinyStories, "tokenizer.json"));
+        Assert.That(copy.Fingerprint, Is.EqualTo(vocabulary.Fingerprint));
+        Assert.That(copy.FirstDifference(vocabulary), Is.EqualTo(-1));
+    }
+
+    [Test]
+    public void Vocabulary_reads_unigram_lists_and_added_tokens_and_finds_the_first_difference()
+    {
+        string folder = TestPaths.NewTemporaryDirectory("vocabulary");
+        try
+        {
+            string a = Path.Combine(folder, "a.json");
+            string b = Path.Combine(folder, "b.json");
+            File.WriteAllText(a, """{ "model": { "type": "Unigram", "vocab": [["<unk>", 0], ["▁a", -1.5], ["b", -2]] }, "added_tokens": [{ "id": 4, "content": "<x>" }] }""");
+            File.WriteAllText(b, """{ "model": { "type": "Unigram", "vocab": [["<unk>", 0], ["▁a", -1.5], ["c", -2]] }, "added_tokens": [{ "id": 4, "content": "<x>" }] }""");
+            var first = TokenizerVocabulary.Read(a);
+            var second = TokenizerVocabulary.Read(b);
+            Assert.That(first.Size, Is.EqualTo(5));
+            Assert.That(first[1], Is.EqualTo("\u2581a"));
+            Assert.That(first[3], Is.Null, "a gap between the vocabulary and the added tokens");
+            Assert.That(first[4], Is.EqualTo("<x>"));
+            Assert.That(first.FirstDifference(second), Is.EqualTo(2));
+            Assert.That(first.Fingerprint, Is.Not.EqualTo(second.Fingerprint));
+            File.WriteAllText(b, """{ "model": { "vocab": 3 } }""");
+            Assert.That(() => TokenizerVocabulary.Read(b), Throws.TypeOf<ModelConfigException>().With.Message.Contains("b.json"));
+        }
+        finally
+        {
+            Directory.Delete(folder, recursive: true);
+        }
+    }
 }

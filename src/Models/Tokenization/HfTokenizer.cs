@@ -14,14 +14,24 @@ public sealed class HfTokenizer : ITextTokenizer, IDisposable
 {
     private readonly Tokenizers.DotNet.Tokenizer _tokenizer;
     private readonly object _gate = new();
+    private readonly Lazy<TokenizerVocabulary> _vocabulary;
 
-    private HfTokenizer(Tokenizers.DotNet.Tokenizer tokenizer, int? bosTokenId, bool? addBos, IReadOnlyList<int> eos)
+    private HfTokenizer(string filePath, Tokenizers.DotNet.Tokenizer tokenizer, int? bosTokenId, bool? addBos, IReadOnlyList<int> eos)
     {
+        FilePath = filePath;
         _tokenizer = tokenizer;
+        _vocabulary = new Lazy<TokenizerVocabulary>(() => TokenizerVocabulary.Read(filePath));
         BosTokenId = bosTokenId;
         AddBos = addBos;
         EosTokenIds = eos;
     }
+
+    /// <summary>The tokenizer.json this was loaded from.</summary>
+    public string FilePath { get; }
+
+    /// <summary>The id → token table (model vocabulary plus added tokens) and its fingerprint; read from
+    /// tokenizer.json on first use (comparing two models' tokenizers), not at load.</summary>
+    public TokenizerVocabulary Vocabulary => _vocabulary.Value;
 
     public int? BosTokenId { get; }
 
@@ -63,7 +73,7 @@ public sealed class HfTokenizer : ITextTokenizer, IDisposable
         {
             throw new ModelConfigException($"{path}: the tokenizers library cannot load it: {error.Message}", error);
         }
-        return new HfTokenizer(tokenizer, bosTokenId, addBos, eosTokenIds);
+        return new HfTokenizer(path, tokenizer, bosTokenId, addBos, eosTokenIds);
     }
 
     public int[] Encode(string text, bool addSpecialTokens = true)

@@ -43,9 +43,6 @@ public sealed class Sampler
         return max + Math.Log(sum);
     }
 
-    /// <summary>log softmax(logits)[token].</summary>
-    public static float LogProbability(ReadOnlySpan<float> logits, int token) => (float)(logits[token] - LogSumExp(logits));
-
     /// <summary>
     /// Chooses a token from <paramref name="logits"/> ([vocabulary], left unchanged: the penalty and
     /// temperature are applied to a copy). <paramref name="history"/>: the tokens so far (for the repetition penalty). <paramref name="uniform"/>:
