@@ -235,14 +235,29 @@ public sealed class KernelConformanceTests
     /// storage rounding of the output dtype. cols 100 and 264 are not multiples of the 16-byte vector (the
     /// scalar path); 300 rows leave a partial block.</summary>
     [TestCaseSource(nameof(GemvCases))]
-    public void gemv(string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual)
+    public void gemv(string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual) =>
+        CheckLinear("gemv", deviceName, dtype, rows, cols, tokens, bias, residual);
+
+    public static IEnumerable<TestCaseData> GemmCases() => Cases("gemm", device =>
+        from dtype in device.Activations
+        from shape in new[] { (1, 1, 1), (7, 100, 9), (64, 64, 64), (130, 33, 77), (96, 512, 128) }
+        from extras in new[] { 0, 3 }
+        where extras == 0 || shape.Item1 == 130
+        select new object[] { dtype, P("rows", shape.Item1), P("cols", shape.Item2), P("tokens", shape.Item3), P("bias", extras & 1), P("residual", extras >> 1) });
+
+    /// <summary>The prefill GEMM: the same bound as the GEMV; shapes straddle the 64 x 64 tile and the 16-wide K step.</summary>
+    [TestCaseSource(nameof(GemmCases))]
+    public void gemm(string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual) =>
+        CheckLinear("gemm", deviceName, dtype, rows, cols, tokens, bias, residual);
+
+    private static void CheckLinear(string op, string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual)
     {
         var device = ConformanceDevices.Get(deviceName);
         var weight = OpBackend.Representable(dtype, Random(rows * 31 + cols, rows * cols));
         var x = OpBackend.Representable(dtype, Random(tokens + cols, tokens * cols, 2));
         var biasValues = bias == 1 ? Random(rows, rows, 0.5) : null;
         var residualValues = residual == 1 ? OpBackend.Representable(dtype, Random(rows + 5, tokens * rows, 3)) : null;
-        var output = device.Gemv(dtype, weight, rows, cols, x, biasValues, residualValues);
+        var output = op == "gemm" ? device.Gemm(dtype, weight, rows, cols, x, biasValues, residualValues) : device.Gemv(dtype, weight, rows, cols, x, biasValues, residualValues);
         var xs = x.Select(v => (double)v).ToArray();
         var ws = weight.Select(v => (double)v).ToArray();
         var expected = ReferenceOps.Linear(xs, tokens, ws, rows, cols, biasValues?.Select(v => (double)v).ToArray());
@@ -256,7 +271,7 @@ public sealed class KernelConformanceTests
             }
         }
         AssertClose(output, expected, i => Tolerances.DotProduct(cols + 2, magnitude[i]) + StorageRoundoff(dtype) * Math.Abs(expected[i]) + StorageFloor(dtype),
-            $"gemv({deviceName}, {dtype}, rows={rows}, cols={cols}, tokens={tokens})");
+            $"{op}({deviceName}, {dtype}, rows={rows}, cols={cols}, tokens={tokens})");
     }
 
     public static IEnumerable<TestCaseData> GemvSiluCases() => Cases("gemv_silu", device =>

@@ -30,6 +30,10 @@ public abstract class OpBackend : IDisposable
     /// <summary>y = x W^T (+ bias) (+ residual): weight [rows, cols], x [tokens, cols], y [tokens, rows]; one dtype.</summary>
     public abstract float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual);
 
+    /// <summary>The prefill product: the same as <see cref="Gemv"/> for any number of tokens.</summary>
+    public virtual float[] Gemm(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual) =>
+        Gemv(dtype, weight, rows, cols, x, bias, residual);
+
     /// <summary>y = silu(x G^T) * (x U^T): gate, up [rows, cols]; x [tokens, cols].</summary>
     public abstract float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x);
 
@@ -262,6 +266,17 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
         using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
         CudaOps.Gemv(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
+        return Read(output);
+    }
+
+    public override float[] Gemm(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
+    {
+        int tokens = x.Length / cols;
+        using var weightTensor = Upload("weight", dtype, weight, rows, cols);
+        using var input = Upload("x", dtype, x, tokens, cols);
+        using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
+        using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
+        CudaOps.Gemm(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
         return Read(output);
     }
 

@@ -17,7 +17,61 @@ public static partial class CudaOps
         DeviceTensor? residual = null, nint stream = 0)
     {
         const string op = "gemv";
-        var (rows, cols, tokens) = GemvShapes(op, weight, x, y);
+        var (rows, cols, tokens) = LinearShapes(op, weight, x, y, GemvMaxTokens);
+        CheckBiasAndResidual(op, rows, tokens, y, bias, residual);
+        LaunchGemv(device, $"gemv_{Suffix(weight.DType)}", [weight.Address, x.Address, bias?.Address ?? 0, residual?.Address ?? 0, y.Address],
+            rows, cols, tokens, stream);
+    }
+
+    /// <summary>
+    /// The same product for any number of tokens (prefill): the tiled GEMM of kernels/gemm.cu.
+    /// weight [rows, cols], x [tokens, cols], y [tokens, rows]; bias [rows] F32 or null; residual or null (may be y).
+    /// </summary>
+    public static void Gemm(CudaDevice device, DeviceTensor weight, DeviceTensor x, DeviceTensor y, DeviceTensor? bias = null,
+        DeviceTensor? residual = null, nint stream = 0)
+    {
+        const string op = "gemm";
+        var (rows, cols, tokens) = LinearShapes(op, weight, x, y, int.MaxValue);
+        CheckBiasAndResidual(op, rows, tokens, y, bias, residual);
+        if (rows == 0 || tokens == 0)
+        {
+            return;
+        }
+        Span<byte> values = stackalloc byte[KernelArguments.ValueBytes];
+        Span<nint> pointers = stackalloc nint[KernelArguments.MaxArguments];
+        var arguments = new KernelArguments(values, pointers);
+        arguments.Add(x.Address);
+        arguments.Add(weight.Address);
+        arguments.Add(bias?.Address ?? 0UL);
+        arguments.Add(residual?.Address ?? 0UL);
+        arguments.Add(y.Address);
+        arguments.Add(tokens);
+        arguments.Add(rows);
+        arguments.Add(cols);
+        device.Backend.Launch(device.Function($"gemm_{Suffix(weight.DType)}"), new Dim3(Blocks(rows, GemmTile), Blocks(tokens, GemmTile)),
+            new Dim3(256), 0, stream, arguments.Pointers);
+    }
+
+    /// <summary>y = x W^T (+ bias) (+ residual) for any token count: the decode GEMV up to
+    /// <see cref="GemvMaxTokens"/> tokens, the GEMM beyond. What model code calls.</summary>
+    public static void Linear(CudaDevice device, DeviceTensor weight, DeviceTensor x, DeviceTensor y, DeviceTensor? bias = null,
+        DeviceTensor? residual = null, nint stream = 0)
+    {
+        long cols = weight.Shape.Length == 2 ? weight.Shape[1] : 0;
+        if (cols > 0 && x.ElementCount <= GemvMaxTokens * cols)
+        {
+            Gemv(device, weight, x, y, bias, residual, stream);
+        }
+        else
+        {
+            Gemm(device, weight, x, y, bias, residual, stream);
+        }
+    }
+
+    private const int GemmTile = 64;
+
+    private static void CheckBiasAndResidual(string op, int rows, int tokens, DeviceTensor y, DeviceTensor? bias, DeviceTensor? residual)
+    {
         if (bias is not null)
         {
             RequireDType(bias, op, DType.F32);
@@ -28,8 +82,6 @@ public static partial class CudaOps
             RequireSameDType(residual, y, op);
             RequireElements(residual, (long)tokens * rows, op, $"[{tokens}, {rows}]");
         }
-        LaunchGemv(device, $"gemv_{Suffix(weight.DType)}", [weight.Address, x.Address, bias?.Address ?? 0, residual?.Address ?? 0, y.Address],
-            rows, cols, tokens, stream);
     }
 
     /// <summary>y = silu(x G^T) * (x U^T): the MLP's gate and up projections and SwiGLU in one pass over x.
@@ -37,7 +89,7 @@ public static partial class CudaOps
     public static void GemvSilu(CudaDevice device, DeviceTensor gate, DeviceTensor up, DeviceTensor x, DeviceTensor y, nint stream = 0)
     {
         const string op = "gemv_silu";
-        var (rows, cols, tokens) = GemvShapes(op, gate, x, y);
+        var (rows, cols, tokens) = LinearShapes(op, gate, x, y, GemvMaxTokens);
         RequireSameDType(up, gate, op);
         if (up.Shape.Length != 2 || up.Shape[0] != rows || up.Shape[1] != cols)
         {
@@ -46,7 +98,7 @@ public static partial class CudaOps
         LaunchGemv(device, $"gemv_silu_{Suffix(gate.DType)}", [gate.Address, up.Address, x.Address, y.Address], rows, cols, tokens, stream);
     }
 
-    private static (int Rows, int Cols, int Tokens) GemvShapes(string op, DeviceTensor weight, DeviceTensor x, DeviceTensor y)
+    private static (int Rows, int Cols, int Tokens) LinearShapes(string op, DeviceTensor weight, DeviceTensor x, DeviceTensor y, int maxTokens)
     {
         RequireDType(weight, op, DType.F32, DType.BF16, DType.F16);
         RequireSameDType(x, weight, op);
@@ -62,7 +114,7 @@ public static partial class CudaOps
             throw new ArgumentException($"{op}: tensor '{x.Name}' {x.ShapeText} is not [tokens, {cols}] (cols of '{weight.Name}')");
         }
         int tokens = checked((int)(x.ElementCount / cols));
-        if (tokens > GemvMaxTokens)
+        if (tokens > maxTokens)
         {
             throw new ArgumentException($"{op}: tensor '{x.Name}' holds {tokens} tokens; the decode GEMV takes at most {GemvMaxTokens} (prefill uses GEMM)");
         }
