@@ -166,3 +166,38 @@ __device__ __forceinline__ float block_reduce_max(float value, float* scratch) {
     __syncthreads();
     return value;
 }
+
+// Warp-wide max / min / or of 32-bit unsigned values; every lane gets the result. sm_80+ has a single
+// instruction for each (redux.sync); older architectures, and nothing else, take the shuffle tree.
+__device__ __forceinline__ unsigned int warp_reduce_max_u32(unsigned int value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    for (int offset = KLM_WARP_SIZE / 2; offset > 0; offset >>= 1) {
+        value = max(value, __shfl_xor_sync(KLM_FULL_MASK, value, offset));
+    }
+    return value;
+#else
+    return __reduce_max_sync(KLM_FULL_MASK, value);
+#endif
+}
+
+__device__ __forceinline__ unsigned int warp_reduce_min_u32(unsigned int value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    for (int offset = KLM_WARP_SIZE / 2; offset > 0; offset >>= 1) {
+        value = min(value, __shfl_xor_sync(KLM_FULL_MASK, value, offset));
+    }
+    return value;
+#else
+    return __reduce_min_sync(KLM_FULL_MASK, value);
+#endif
+}
+
+__device__ __forceinline__ unsigned int warp_reduce_or_u32(unsigned int value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    for (int offset = KLM_WARP_SIZE / 2; offset > 0; offset >>= 1) {
+        value |= __shfl_xor_sync(KLM_FULL_MASK, value, offset);
+    }
+    return value;
+#else
+    return __reduce_or_sync(KLM_FULL_MASK, value);
+#endif
+}

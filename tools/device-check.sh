@@ -6,7 +6,8 @@
 #   tools/device-check.sh run OUTDIR     on the GPU machine (no .NET there): runs the CUDA tests, the kernel
 #                                        conformance suite and the model tests on the real device, then the
 #                                        device report (per-kernel GB/s against a measured device-to-device
-#                                        copy), and writes OUTDIR/report.json, OUTDIR/summary.txt and the logs.
+#                                        copy; vocab_stats at batch 1 and 8, and its share of a 1B / 8B decode
+#                                        step), and writes OUTDIR/report.json, report.txt, summary.txt and the logs.
 #
 # With the device tool: prepare here, then run with carry [".device-check"] and a timeout that leaves room
 # for a rerun: `bash tools/device-check.sh run $OUT`. Without a GPU, `run` still completes and says so:
@@ -49,7 +50,11 @@ run)
     run_suite conformance "FullyQualifiedName~Conformance"
     run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder"
     run_suite report "FullyQualifiedName~Report_on_the_gpu"
-    [ -f "$out/report.json" ] || echo "no report.json: no CUDA device here (see $out/report.log)" | tee -a "$out/summary.txt"
+    if [ -f "$out/report.json" ]; then
+        cat "$out/report.txt" >>"$out/summary.txt"
+    else
+        echo "no report.json: no CUDA device here (see $out/report.log)" | tee -a "$out/summary.txt"
+    fi
     exit $status
     ;;
 *)

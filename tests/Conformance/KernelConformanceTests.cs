@@ -1,4 +1,5 @@
 using KernelLM.Runtime;
+using KernelLM.Runtime.Signals;
 using KernelLM.Tests.Support;
 
 namespace KernelLM.Tests.Conformance;
@@ -303,5 +304,187 @@ public sealed class KernelConformanceTests
                 + Math.Abs(ReferenceOps.Silu(g[i])) * Tolerances.DotProduct(cols, uMagnitude[i])
                 + (StorageRoundoff(dtype) + 8 * Tolerances.UnitRoundoff) * Math.Abs(expected[i]) + StorageFloor(dtype),
             $"gemv_silu({deviceName}, {dtype}, rows={rows}, cols={cols}, tokens={tokens})");
+    }
+
+    // ------------------------------------------------------------------ vocab_stats
+
+    private static readonly string[] VocabKinds = ["random", "masked", "equal", "ties"];
+
+    /// <summary>
+    /// The shapes of the fused vocabulary reduction: every row kind at every length (1, 2, 1000, and the 128256 / 151936
+    /// vocabularies of Llama 3 and Qwen2) in f32 and bf16 with k = 16, a token and a reference row; the options (k = 0 / 1 /
+    /// 16, with or without a token and a reference) at 1000 and 151936; several rows at once (mixed kinds, a row without a
+    /// token, odd lengths so that rows after the first start unaligned). The emulated device runs them all: about 25 s,
+    /// most of it the fp64 reference (the same on every device).
+    /// </summary>
+    public static IEnumerable<TestCaseData> VocabStatsCases() => Cases("vocab_stats", device =>
+    {
+        var cases = new List<object[]>();
+        foreach (int vocabulary in new[] { 1, 2, 1000, 128256, 151936 })
+        {
+            foreach (var dtype in new[] { DType.F32, DType.BF16 })
+            {
+                foreach (string kind in VocabKinds.Where(kind => vocabulary >= 2 || kind == "equal"))
+                {
+                    cases.Add([dtype, kind, P("rows", 1), P("vocab", vocabulary), P("k", 16), "token+reference"]);
+                }
+            }
+        }
+        foreach (int vocabulary in new[] { 1000, 151936 })
+        {
+            foreach (var dtype in new[] { DType.F32, DType.BF16 })
+            {
+                foreach (int topK in new[] { 0, 1, 16 })
+                {
+                    foreach (string with in new[] { "none", "token", "reference", "token+reference" })
+                    {
+                        if (topK != 16 || with != "token+reference")   // already in the sweep above
+                        {
+                            cases.Add([dtype, "random", P("rows", 1), P("vocab", vocabulary), P("k", topK), with]);
+                        }
+                    }
+                }
+            }
+        }
+        foreach (var dtype in new[] { DType.F32, DType.BF16 })
+        {
+            cases.Add([dtype, "mixed", P("rows", 5), P("vocab", 1001), P("k", 5), "token+reference"]);
+            cases.Add([dtype, "mixed", P("rows", 3), P("vocab", 32003), P("k", 16), "token"]);
+        }
+        cases.Add([DType.BF16, "mixed", P("rows", 3), P("vocab", 128256), P("k", 2), "token+reference"]);
+        return cases;
+    });
+
+    [TestCaseSource(nameof(VocabStatsCases))]
+    public void vocab_stats(string deviceName, DType dtype, string kind, int rows, int vocabulary, int topK, string with)
+    {
+        var device = ConformanceDevices.Get(deviceName);
+        bool withToken = with.Contains("token", StringComparison.Ordinal);
+        bool withReference = with.Contains("reference", StringComparison.Ordinal);
+        var logits = new float[rows * vocabulary];
+        var reference = withReference ? new float[rows * vocabulary] : null;
+        var tokens = withToken ? new int[rows] : null;
+        for (int r = 0; r < rows; r++)
+        {
+            // Mixed: every kind in turn; the references of masked rows are masked too (KL infinite both ways).
+            string rowKind = kind == "mixed" ? VocabKinds[r % VocabKinds.Length] : kind;
+            int seed = vocabulary + 31 * r + topK;
+            VocabStatsCheck.Row(rowKind, vocabulary, seed).CopyTo(logits, r * vocabulary);
+            if (reference is not null)
+            {
+                VocabStatsCheck.Row(rowKind == "masked" ? "masked" : "random", vocabulary, seed + 7).CopyTo(reference, r * vocabulary);
+            }
+            if (tokens is not null)
+            {
+                // A token at a finite logit (a -inf one has log-prob -inf); in mixed rows, row 1 has none.
+                int token = (vocabulary / 3 + 17 * r) % vocabulary;
+                if (float.IsNegativeInfinity(logits[r * vocabulary + token]))
+                {
+                    logits[r * vocabulary + token] = -2.5f;
+                }
+                tokens[r] = kind == "mixed" && r == 1 ? -1 : token;
+            }
+        }
+        logits = OpBackend.Representable(dtype, logits);
+        reference = reference is null ? null : OpBackend.Representable(dtype, reference);
+        var output = device.VocabStats(dtype, logits, vocabulary, tokens, reference, topK);
+        int sumLength = device.VocabStatsSumLength(dtype, rows, vocabulary);
+        int fields = Runtime.Signals.VocabStats.FieldCount;
+        for (int r = 0; r < rows; r++)
+        {
+            VocabStatsCheck.AssertRow($"vocab_stats({dtype}, {kind}, row {r} of {rows}, vocab={vocabulary}, k={topK}, {with})",
+                logits.AsSpan(r * vocabulary, vocabulary), tokens?[r] ?? -1, reference is null ? default : reference.AsSpan(r * vocabulary, vocabulary), topK,
+                output.Stats.AsSpan(r * fields, fields), output.TopIds.AsSpan(r * topK, topK), output.TopLogProbs.AsSpan(r * topK, topK), sumLength);
+        }
+    }
+
+    public static IEnumerable<TestCaseData> VocabStatsSpecialRowCases() => Cases("vocab_stats_special_rows", device =>
+        from dtype in new[] { DType.F32, DType.BF16 }
+        select new object[] { dtype, P("rows", 11), P("vocab", SpecialVocabulary) });
+
+    /// <summary>4099 entries: three slices on the GPU, with the special entries in the middle one.</summary>
+    private const int SpecialVocabulary = 4099;
+
+    /// <summary>
+    /// Rows whose fields are NaN or infinite, in one launch with ordinary rows: each device gives NaN and +-inf exactly
+    /// where the CPU twin (which defines them) does, the same top ids, and the finite fields close to it (their accuracy
+    /// is the main suite's business). A few of the twin's values are pinned down as well.
+    /// </summary>
+    [TestCaseSource(nameof(VocabStatsSpecialRowCases))]
+    public void vocab_stats_special_rows(string deviceName, DType dtype, int rows, int vocabulary)
+    {
+        var device = ConformanceDevices.Get(deviceName);
+        const int topK = 3;
+        var logits = new float[rows * vocabulary];
+        var reference = new float[rows * vocabulary];
+        var tokens = new int[rows];
+        for (int r = 0; r < rows; r++)
+        {
+            VocabStatsCheck.Row("random", vocabulary, 100 + r).CopyTo(logits, r * vocabulary);
+            VocabStatsCheck.Row("random", vocabulary, 200 + r).CopyTo(reference, r * vocabulary);
+            tokens[r] = 1234 + r;
+        }
+        Span<float> Row(float[] values, int r) => values.AsSpan(r * vocabulary, vocabulary);
+        Row(logits, 0).Fill(float.NegativeInfinity);                   // 0: no finite entry
+        Row(logits, 1)[2500] = float.NaN;                               // 1: a NaN logit
+        Row(logits, 2)[2100] = float.PositiveInfinity;                  // 2: a +inf logit
+        Row(reference, 3)[3000] = float.NaN;                            // 3: a NaN in the reference
+        Row(reference, 4).Fill(float.NegativeInfinity);                 // 4: no finite reference entry
+        for (int i = 2048; i < 2300; i += 7)                            // 5: masked one way and the other: KL +inf both ways
+        {
+            Row(logits, 5)[i] = float.NegativeInfinity;
+            Row(reference, 5)[i + 3] = float.NegativeInfinity;
+        }
+        Row(logits, 6).CopyTo(Row(reference, 6));                       // 6: the reference is the row itself: KL 0
+        Row(logits, 7).Fill(0.5f);                                      // 7: uniform: kurtosis 0, margin 0
+        Row(logits, 8).Fill(float.NegativeInfinity);                    // 8: one finite entry: margin 1, one listed id
+        Row(logits, 8)[4000] = -3;
+        tokens[8] = 4000;
+        tokens[9] = -1;                                                 // 9: no token
+        Row(logits, 10)[tokens[10]] = float.NegativeInfinity;           // 10: the token is masked: log-prob -inf
+        logits = OpBackend.Representable(dtype, logits);
+        reference = OpBackend.Representable(dtype, reference);
+
+        var output = device.VocabStats(dtype, logits, vocabulary, tokens, reference, topK);
+        using var cpu = new CpuOpBackend();
+        var twin = cpu.VocabStats(dtype, logits, vocabulary, tokens, reference, topK);
+
+        int fields = Runtime.Signals.VocabStats.FieldCount;
+        using (Assert.EnterMultipleScope())
+        {
+            Assert.That(twin.Stats.AsSpan(0, fields * 5).ToArray(), Has.All.NaN, "rows 0-4 are undefined");
+            Assert.That(twin.TopIds.AsSpan(0, topK * 5).ToArray(), Has.All.EqualTo(-1));
+            Assert.That(twin.Stats[5 * fields + (int)VocabStatsField.KlPq], Is.EqualTo(float.PositiveInfinity));
+            Assert.That(twin.Stats[5 * fields + (int)VocabStatsField.KlQp], Is.EqualTo(float.PositiveInfinity));
+            Assert.That(twin.Stats[6 * fields + (int)VocabStatsField.KlPq], Is.Zero.Within(1e-5));
+            Assert.That(twin.Stats[7 * fields + (int)VocabStatsField.Kurtosis], Is.Zero);
+            Assert.That(twin.Stats[8 * fields + (int)VocabStatsField.Margin], Is.EqualTo(1).Within(1e-6));
+            Assert.That(twin.TopIds.AsSpan(8 * topK, topK).ToArray(), Is.EqualTo(new[] { 4000, -1, -1 }));
+            Assert.That(twin.Stats[9 * fields + (int)VocabStatsField.TokenLogProb], Is.NaN);
+            Assert.That(twin.Stats[10 * fields + (int)VocabStatsField.TokenLogProb], Is.EqualTo(float.NegativeInfinity));
+
+            Assert.That(output.TopIds, Is.EqualTo(twin.TopIds), "top ids");
+            for (int i = 0; i < twin.Stats.Length; i++)
+            {
+                AssertSameKind(output.Stats[i], twin.Stats[i], $"row {i / fields}, {(VocabStatsField)(i % fields)}");
+            }
+            for (int i = 0; i < twin.TopLogProbs.Length; i++)
+            {
+                AssertSameKind(output.TopLogProbs[i], twin.TopLogProbs[i], $"row {i / topK}, top log-prob {i % topK}");
+            }
+        }
+    }
+
+    /// <summary>NaN where the twin has NaN, the same infinity, else within 1e-4 (absolute and relative).</summary>
+    private static void AssertSameKind(float actual, float expected, string what)
+    {
+        if (float.IsNaN(expected) || float.IsInfinity(expected))
+        {
+            Assert.That(actual, Is.EqualTo(expected), what);
+        }
+        else
+        {
+            Assert.That(actual, Is.EqualTo(expected).Within(1e-4 * (1 + Math.Abs(expected))), what);
+        }
     }
 }

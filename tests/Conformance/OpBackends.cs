@@ -37,6 +37,30 @@ public abstract class OpBackend : IDisposable
     /// <summary>y = silu(x G^T) * (x U^T): gate, up [rows, cols]; x [tokens, cols].</summary>
     public abstract float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x);
 
+    /// <summary>The fused vocabulary reduction of [rows, vocabulary] logits (optional tokens and reference rows);
+    /// outputs are checked for writes past their end (guard sentinels) before they are returned.</summary>
+    public abstract VocabStatsOutput VocabStats(DType dtype, float[] logits, int vocabulary, int[]? tokens, float[]? reference, int topK);
+
+    /// <summary>The most roundings one fp32 sum of <see cref="VocabStats"/> goes through on this device (the n of
+    /// Tolerances.VocabSum): a CPU chunk, or a GPU thread's slice plus its block merge.</summary>
+    public abstract int VocabStatsSumLength(DType dtype, int rows, int vocabulary);
+
+    /// <summary>Elements of the guard region after each output, and the sentinel they hold.</summary>
+    protected const int GuardElements = 37;
+    protected const float GuardSentinel = -7.77e7f;
+    protected const int GuardId = -777_777;
+
+    protected static void AssertGuard<T>(ReadOnlySpan<T> values, int count, T sentinel, string output) where T : IEquatable<T>
+    {
+        for (int i = count; i < values.Length; i++)
+        {
+            if (!values[i].Equals(sentinel))
+            {
+                Assert.Fail($"vocab_stats wrote past the end of '{output}' ({count} elements) at element {i}: {values[i]}");
+            }
+        }
+    }
+
     public void Dispose()
     {
         Dispose(disposing: true);
@@ -83,6 +107,9 @@ public abstract class OpBackend : IDisposable
         _ => throw new ArgumentException($"cannot decode {dtype}"),
     };
 }
+
+/// <summary>What <see cref="OpBackend.VocabStats"/> returns: stats [rows, 9], top ids and log-probs [rows, topK].</summary>
+public sealed record VocabStatsOutput(float[] Stats, int[] TopIds, float[] TopLogProbs);
 
 /// <summary>The CPU device: the engine's own CPU ops (fp32 activations).</summary>
 public sealed unsafe class CpuOpBackend : OpBackend
@@ -180,6 +207,36 @@ public sealed unsafe class CpuOpBackend : OpBackend
 
     public override int[] Argmax(DType dtype, float[] x, int cols) =>
         Enumerable.Range(0, x.Length / cols).Select(r => System.Numerics.Tensors.TensorPrimitives.IndexOfMax(x.AsSpan(r * cols, cols))).ToArray();
+
+    /// <summary>The CPU twin, <see cref="Runtime.Signals.VocabStats"/>: fp32 rows, or bf16 rows as raw bit patterns.</summary>
+    public override VocabStatsOutput VocabStats(DType dtype, float[] logits, int vocabulary, int[]? tokens, float[]? reference, int topK)
+    {
+        int rows = logits.Length / vocabulary;
+        int statsCount = rows * Runtime.Signals.VocabStats.FieldCount;
+        var stats = new float[statsCount + GuardElements];
+        var ids = new int[rows * topK + GuardElements];
+        var logProbs = new float[rows * topK + GuardElements];
+        stats.AsSpan().Fill(GuardSentinel);
+        ids.AsSpan().Fill(GuardId);
+        logProbs.AsSpan().Fill(GuardSentinel);
+        if (dtype == DType.BF16)
+        {
+            Runtime.Signals.VocabStats.Reduce(logits.Select(BFloat16.FromSingle).ToArray(), vocabulary, tokens ?? [],
+                reference?.Select(BFloat16.FromSingle).ToArray() ?? [], topK, stats.AsSpan(0, statsCount), ids.AsSpan(0, rows * topK), logProbs.AsSpan(0, rows * topK));
+        }
+        else
+        {
+            Runtime.Signals.VocabStats.Reduce(logits, vocabulary, tokens ?? [], reference ?? [], topK, stats.AsSpan(0, statsCount), ids.AsSpan(0, rows * topK),
+                logProbs.AsSpan(0, rows * topK));
+        }
+        AssertGuard<float>(stats, statsCount, GuardSentinel, "stats");
+        AssertGuard<int>(ids, rows * topK, GuardId, "top_ids");
+        AssertGuard<float>(logProbs, rows * topK, GuardSentinel, "top_log_probs");
+        return new VocabStatsOutput(stats[..statsCount], ids[..(rows * topK)], logProbs[..(rows * topK)]);
+    }
+
+    /// <summary>A chunk of <see cref="Runtime.Signals.VocabStats.ChunkLength"/> entries is summed in fp32, chunks in fp64.</summary>
+    public override int VocabStatsSumLength(DType dtype, int rows, int vocabulary) => Runtime.Signals.VocabStats.ChunkLength;
 }
 
 /// <summary>A CUDA device (emulated or real) through the kernel library and the op entries.</summary>
@@ -289,6 +346,50 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         using var output = device.Allocate("y", dtype, tokens, rows);
         CudaOps.GemvSilu(device, gateTensor, upTensor, input, output);
         return Read(output);
+    }
+
+    /// <summary>Through <see cref="CudaOps.VocabStats"/>; each output is a view at the start of a buffer whose tail holds
+    /// sentinels, checked after the launch (the emulator's own guards only see the ends of allocations).</summary>
+    public override VocabStatsOutput VocabStats(DType dtype, float[] logits, int vocabulary, int[]? tokens, float[]? reference, int topK)
+    {
+        int rows = logits.Length / vocabulary;
+        int fields = Runtime.Signals.VocabStats.FieldCount;
+        using var logitTensor = Upload("logits", dtype, logits, rows, vocabulary);
+        using var referenceTensor = reference is null ? null : Upload("reference", dtype, reference, rows, vocabulary);
+        using var tokenTensor = tokens is null ? null : device.Allocate("tokens", DType.I32, rows);
+        if (tokens is not null)
+        {
+            tokenTensor!.Upload<int>(tokens);
+        }
+        long workspaceBytes = CudaOps.VocabStatsWorkspaceBytes(rows, vocabulary);
+        using var workspace = device.Allocate("workspace", DType.I32, checked((int)((workspaceBytes + 3) / 4)));
+        using var statsBuffer = Guarded("stats_buffer", DType.F32, rows * fields, BitConverter.SingleToInt32Bits(GuardSentinel));
+        using var idBuffer = Guarded("top_ids_buffer", DType.I32, rows * topK, GuardId);
+        using var logProbBuffer = Guarded("top_log_probs_buffer", DType.F32, rows * topK, BitConverter.SingleToInt32Bits(GuardSentinel));
+        using var stats = statsBuffer.View("stats", DType.F32, 0, rows, fields);
+        using var ids = idBuffer.View("top_ids", DType.I32, 0, rows, topK);
+        using var logProbs = logProbBuffer.View("top_log_probs", DType.F32, 0, rows, topK);
+        CudaOps.VocabStats(device, logitTensor, tokenTensor, referenceTensor, vocabulary, topK, workspace, stats, ids, logProbs);
+        var statsValues = statsBuffer.Download<float>();
+        var idValues = idBuffer.Download<int>();
+        var logProbValues = logProbBuffer.Download<float>();
+        AssertGuard<float>(statsValues, rows * fields, GuardSentinel, "stats");
+        AssertGuard<int>(idValues, rows * topK, GuardId, "top_ids");
+        AssertGuard<float>(logProbValues, rows * topK, GuardSentinel, "top_log_probs");
+        return new VocabStatsOutput(statsValues[..(rows * fields)], idValues[..(rows * topK)], logProbValues[..(rows * topK)]);
+    }
+
+    /// <summary>From the launch the op makes (<see cref="VocabStatsLayout.SumLength"/>).</summary>
+    public override int VocabStatsSumLength(DType dtype, int rows, int vocabulary) => CudaOps.VocabStatsLaunch(rows, vocabulary).SumLength(dtype);
+
+    /// <summary>A buffer of <paramref name="count"/> elements plus the guard region, every 32-bit word set to <paramref name="sentinel"/>.</summary>
+    private DeviceTensor Guarded(string tensorName, DType dtype, int count, int sentinel)
+    {
+        var tensor = device.Allocate(tensorName, dtype, count + GuardElements);
+        var words = new int[count + GuardElements];
+        Array.Fill(words, sentinel);
+        tensor.Upload<int>(words);
+        return tensor;
     }
 
     protected override void Dispose(bool disposing)

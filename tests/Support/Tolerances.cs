@@ -27,8 +27,11 @@ public static class Tolerances
         (headDim + 2.0 * positions + 8) * UnitRoundoff * maxValue * (1 + maxScore);
 
     /// <summary>
-    /// Relative error of the vocabulary reduction's sums: fp32 exponentials (a few ulp) summed in fp32 over a chunk
-    /// or a thread's slice of at most n terms (gamma_n), then combined in fp64 (CPU) or a 10-level fp32 tree (GPU).
+    /// Relative error of the vocabulary reduction's sums: fp32 exponentials (a few ulp: the 16) summed in fp32 with at
+    /// most n roundings in a row (gamma_n), then combined in fp64. On the CPU n is a chunk's length. On the GPU the fp32
+    /// part is longer than a thread's terms: each rescale of its running sums and the block's fp32 merge (7 serial
+    /// merges and a 5-level warp tree, with their rescales) round too, so the kernel's launch supplies n
+    /// (CudaOps.VocabStatsLayout.SumLength: terms + 5 per rescale + 52) rather than this formula growing a GPU term.
     /// </summary>
     public static double VocabSum(int n) => (n + 16) * UnitRoundoff;
 

@@ -76,6 +76,7 @@ public sealed class CudaDevice : IDisposable
 public sealed class DeviceTensor : IDisposable
 {
     private readonly CudaDevice _device;
+    private readonly bool _owner; // false for a view: the parent frees the memory
 
     internal DeviceTensor(CudaDevice device, string name, DType dtype, int[] shape)
     {
@@ -87,15 +88,40 @@ public sealed class DeviceTensor : IDisposable
         Name = name;
         DType = dtype;
         Shape = shape;
+        ElementCount = CountElements(shape);
+        ByteLength = ElementCount * dtype.SizeOf();
+        Address = device.Backend.Allocate(Math.Max(ByteLength, 1));
+        _owner = true;
+    }
+
+    private DeviceTensor(DeviceTensor parent, string name, DType dtype, int[] shape, long byteOffset)
+    {
+        _device = parent._device;
+        Name = name;
+        DType = dtype;
+        Shape = shape;
+        ElementCount = CountElements(shape);
+        ByteLength = ElementCount * dtype.SizeOf();
+        if (byteOffset < 0 || byteOffset % dtype.SizeOf() != 0 || byteOffset + ByteLength > parent.ByteLength)
+        {
+            throw new ArgumentException($"view '{name}' {ShapeText} {dtype} at byte {byteOffset} does not fit, aligned, inside tensor '{parent.Name}' ({parent.ByteLength} bytes)");
+        }
+        Address = parent.Address + (ulong)byteOffset;
+    }
+
+    /// <summary>A tensor over part of this one's memory (it owns nothing: disposing it frees nothing). Tests use it to
+    /// put guard regions of sentinels after an op's output.</summary>
+    internal DeviceTensor View(string name, DType dtype, long byteOffset, params int[] shape) => new(this, name, dtype, shape, byteOffset);
+
+    private static long CountElements(int[] shape)
+    {
         long elements = 1;
         foreach (int dimension in shape)
         {
             ArgumentOutOfRangeException.ThrowIfNegative(dimension);
             elements = checked(elements * dimension);
         }
-        ElementCount = elements;
-        ByteLength = elements * dtype.SizeOf();
-        Address = device.Backend.Allocate(Math.Max(ByteLength, 1));
+        return elements;
     }
 
     public string Name { get; }
@@ -136,10 +162,10 @@ public sealed class DeviceTensor : IDisposable
 
     public void Dispose()
     {
-        if (Address != 0)
+        if (Address != 0 && _owner)
         {
             _device.Backend.Free(Address);
-            Address = 0;
         }
+        Address = 0;
     }
 }

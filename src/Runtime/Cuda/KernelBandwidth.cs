@@ -56,7 +56,78 @@ public static class KernelBandwidth
             using var indices = device.Allocate("argmax", DType.I32, rows);
             results.Add(new($"argmax_{suffix}", shape, (long)n * size + rows * 4L, Best(device, launches, repeats, () => CudaOps.Argmax(device, x, cols, indices))));
         }
+        results.AddRange(MeasureVocabStats(device, elements, launches, repeats));
         return results;
+    }
+
+    /// <summary>The vocabularies of Llama 3 and Qwen2; with a small <c>elements</c> (the emulator) one row of elements / 8.</summary>
+    public static IReadOnlyList<int> VocabStatsVocabularies(int elements) => elements >= 8 * 151936 ? [128256, 151936] : [Math.Max(1, elements / 8)];
+
+    /// <summary>
+    /// vocab_stats (k = 16 and a token per row, no reference: the decode-time signals) on batches of 1 and 8 rows. Bytes
+    /// are the logits read once. "L2": the same rows every launch, as in a decode step, where the LM head has just
+    /// written them; "HBM": each launch reads the next rows of a pool of about <paramref name="elements"/> values
+    /// (256 MB on the GPU, 5x an H200's L2), so the figure sits under the copy's roofline.
+    /// </summary>
+    private static List<KernelThroughput> MeasureVocabStats(CudaDevice device, int elements, int launches, int repeats)
+    {
+        const int topK = 16;
+        var results = new List<KernelThroughput>();
+        foreach (var dtype in new[] { DType.F32, DType.BF16 })
+        {
+            string suffix = dtype == DType.F32 ? "f32" : "bf16";
+            foreach (int vocabulary in VocabStatsVocabularies(elements))
+            {
+                foreach (int rows in new[] { 1, 8 })
+                {
+                    long rowElements = (long)rows * vocabulary;
+                    int copies = (int)Math.Clamp(elements / rowElements, 1, 4096);
+                    using var pool = device.Allocate("vocab_logits_pool", dtype, checked((int)(rowElements * copies)));
+                    byte[] rowBytes = RandomLogits(dtype, checked((int)rowElements), seed: vocabulary + rows);
+                    var views = new DeviceTensor[copies];
+                    for (int c = 0; c < copies; c++)
+                    {
+                        views[c] = pool.View($"vocab_logits_{c}", dtype, c * (long)rowBytes.Length, rows, vocabulary);
+                        device.Backend.CopyHostToDevice(views[c].Address, rowBytes, 0);
+                    }
+                    using var tokens = device.Allocate("vocab_tokens", DType.I32, rows);
+                    device.Backend.Memset(tokens.Address, 0, tokens.ByteLength, 0);
+                    using var workspace = device.Allocate("vocab_workspace", DType.I32, checked((int)((CudaOps.VocabStatsWorkspaceBytes(rows, vocabulary) + 3) / 4)));
+                    using var stats = device.Allocate("vocab_stats", DType.F32, rows, Signals.VocabStats.FieldCount);
+                    using var ids = device.Allocate("vocab_top_ids", DType.I32, rows, topK);
+                    using var logProbs = device.Allocate("vocab_top_log_probs", DType.F32, rows, topK);
+                    long bytes = rowElements * dtype.SizeOf();
+                    string shape = $"[{rows}, {vocabulary}]";
+                    results.Add(new($"vocab_stats_{suffix} L2", shape, bytes, Best(device, launches, repeats,
+                        () => CudaOps.VocabStats(device, views[0], tokens, null, vocabulary, topK, workspace, stats, ids, logProbs))));
+                    int next = 0;
+                    results.Add(new($"vocab_stats_{suffix} HBM", shape, bytes, Best(device, launches, repeats,
+                        () => CudaOps.VocabStats(device, views[next++ % copies], tokens, null, vocabulary, topK, workspace, stats, ids, logProbs))));
+                }
+            }
+        }
+        return results;
+    }
+
+    /// <summary>Logits spread like a language model's: uniform in [-9, 3) and a few strong candidates in [6, 10).</summary>
+    private static byte[] RandomLogits(DType dtype, int count, int seed)
+    {
+        var random = new Random(seed);
+        var values = new float[count];
+        for (int i = 0; i < count; i++)
+        {
+            values[i] = (float)(random.NextDouble() * 12 - 9);
+        }
+        for (int i = 0; i < Math.Max(1, count / 20000); i++)
+        {
+            values[random.Next(count)] = (float)(6 + random.NextDouble() * 4);
+        }
+        if (dtype == DType.F32)
+        {
+            return System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()).ToArray();
+        }
+        var bits = values.Select(BFloat16.FromSingle).ToArray();
+        return System.Runtime.InteropServices.MemoryMarshal.AsBytes(bits.AsSpan()).ToArray();
     }
 
     private static double Best(CudaDevice device, int launches, int repeats, Action launch)
