@@ -85,3 +85,11 @@ public sealed class ContextLengthException : KernelLMException
     public ContextLengthException(string message) : base(message) { }
     public ContextLengthException(string message, Exception inner) : base(message, inner) { }
 }
+
+/// <summary>A device allocation did not fit: names the tensor, its size and what was already held.</summary>
+public sealed class DeviceOutOfMemoryException : KernelLMException
+{
+    public DeviceOutOfMemoryException() { }
+    public DeviceOutOfMemoryException(string message) : base(message) { }
+    public DeviceOutOfMemoryException(string message, Exception inner) : base(message, inner) { }
+}
