@@ -109,9 +109,9 @@ public sealed class DeviceTensor : IDisposable
         Address = parent.Address + (ulong)byteOffset;
     }
 
-    /// <summary>A tensor over part of this one's memory (it owns nothing: disposing it frees nothing). Tests use it to
-    /// put guard regions of sentinels after an op's output.</summary>
-    internal DeviceTensor View(string name, DType dtype, long byteOffset, params int[] shape) => new(this, name, dtype, shape, byteOffset);
+    /// <summary>A tensor over part of this one's memory (it owns nothing: disposing it frees nothing): a session's
+    /// buffers seen with the current chunk's token count; tests put guard regions of sentinels after an op's output.</summary>
+    public DeviceTensor View(string name, DType dtype, long byteOffset, params int[] shape) => new(this, name, dtype, shape, byteOffset);
 
     private static long CountElements(int[] shape)
     {
