@@ -46,6 +46,9 @@ public sealed class CudaDevice : IDisposable
 
     public string Name => Backend.DeviceName;
 
+    /// <summary>Streaming multiprocessors (the emulated device reports a small number).</summary>
+    public int MultiprocessorCount => Backend.MultiprocessorCount;
+
     public IReadOnlyCollection<string> FunctionNames => _functions.Keys;
 
     /// <summary>A kernel entry point by its extern "C" name (`rms_norm_bf16`).</summary>
@@ -71,13 +74,22 @@ public sealed class CudaDevice : IDisposable
 
 /// <summary>
 /// A named tensor in device memory, row-major; freed by Dispose (never left to the GC). Host transfers are
-/// synchronous copies on the given stream.
+/// synchronous copies on the given stream. A <see cref="View"/> names part of another tensor's memory and
+/// owns nothing.
 /// </summary>
 public sealed class DeviceTensor : IDisposable
 {
     private readonly CudaDevice _device;
+    private readonly bool _owner;
 
     internal DeviceTensor(CudaDevice device, string name, DType dtype, int[] shape)
+        : this(device, name, dtype, shape, address: 0)
+    {
+        Address = device.Backend.Allocate(Math.Max(ByteLength, 1));
+        _owner = true;
+    }
+
+    private DeviceTensor(CudaDevice device, string name, DType dtype, int[] shape, ulong address)
     {
         if (!dtype.IsSupported() && dtype != DType.I32)
         {
@@ -95,7 +107,25 @@ public sealed class DeviceTensor : IDisposable
         }
         ElementCount = elements;
         ByteLength = elements * dtype.SizeOf();
-        Address = device.Backend.Allocate(Math.Max(ByteLength, 1));
+        Address = address;
+    }
+
+    /// <summary>
+    /// A tensor over bytes [byteOffset, byteOffset + its size) of this one, without a copy: one layer of a KV
+    /// cache allocated for all layers, or an output followed by a guard region. It owns nothing (Dispose is a
+    /// no-op) and must not outlive this tensor. The offset is a multiple of 16 bytes, which kernels' vector
+    /// loads rely on.
+    /// </summary>
+    public DeviceTensor View(string name, DType dtype, long byteOffset, params int[] shape)
+    {
+        ObjectDisposedException.ThrowIf(Address == 0, this);
+        var view = new DeviceTensor(_device, name, dtype, shape, Address + (ulong)byteOffset);
+        if (byteOffset < 0 || byteOffset % 16 != 0 || byteOffset + view.ByteLength > ByteLength)
+        {
+            throw new ArgumentException($"view '{name}' {view.ShapeText} {dtype} at byte {byteOffset} does not lie 16-byte aligned " +
+                                        $"inside tensor '{Name}' {ShapeText} {DType} ({ByteLength} bytes)");
+        }
+        return view;
     }
 
     public string Name { get; }
@@ -136,10 +166,10 @@ public sealed class DeviceTensor : IDisposable
 
     public void Dispose()
     {
-        if (Address != 0)
+        if (Address != 0 && _owner)
         {
             _device.Backend.Free(Address);
-            Address = 0;
         }
+        Address = 0;
     }
 }
