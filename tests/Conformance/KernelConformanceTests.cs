@@ -13,7 +13,7 @@ namespace KernelLM.Tests.Conformance;
 /// Test names read `rms_norm(cuda-emulated, BF16, rows=19, cols=111)`.
 /// </summary>
 [TestFixture]
-public sealed class KernelConformanceTests
+public sealed partial class KernelConformanceTests
 {
     [OneTimeTearDown]
     public void TearDown() => ConformanceDevices.DisposeAll();

@@ -6,6 +6,21 @@ using KernelLM.Runtime.Cuda.Ops;
 namespace KernelLM.Tests.Conformance;
 
 /// <summary>
+/// One layer's KV cache and the attention over it, as the conformance suite hands it to every device: caches
+/// [batch, kv_heads, capacity, head_dim] (keys after RoPE) with values representable in the dtype, the sliding
+/// window (0 = none), and the optional hook: <see cref="Bias"/> [batch, heads, capacity] and, per sequence,
+/// strictly ascending <see cref="Selected"/> positions.
+/// </summary>
+public sealed record AttentionProblem(int Batch, int Heads, int KvHeads, int HeadDim, int Capacity, float[] Keys, float[] Values, int Window)
+{
+    public float[]? Bias { get; init; }
+
+    public int[][]? Selected { get; init; }
+
+    public int CacheElements => Batch * KvHeads * Capacity * HeadDim;
+}
+
+/// <summary>
 /// One device as the conformance suite sees it: every op on host arrays in, host arrays out. Inputs are
 /// given as fp32 values already representable in the op's dtype; outputs come back widened to fp32.
 /// </summary>
@@ -45,8 +60,7 @@ public abstract class OpBackend : IDisposable
     /// Tolerances.VocabSum): a CPU chunk, or a GPU thread's slice plus its block merge.</summary>
     public abstract int VocabStatsSumLength(DType dtype, int rows, int vocabulary);
 
-    /// <summary>Elements of the guard region after each output, and the sentinel they hold.</summary>
-    protected const int GuardElements = 37;
+    /// <summary>The sentinels the vocab_stats outputs' guard regions hold.</summary>
     protected const float GuardSentinel = -7.77e7f;
     protected const int GuardId = -777_777;
 
@@ -60,6 +74,21 @@ public abstract class OpBackend : IDisposable
             }
         }
     }
+
+    /// <summary>The caches after appending k, v ([batch, tokens, kv_heads, head_dim], k before RoPE) at positions
+    /// starts[b].. (problem.Keys/Values are the caches before).</summary>
+    public abstract (float[] Keys, float[] Values) KvAppend(DType dtype, AttentionProblem problem, float[] k, float[] v, int tokens, int[] starts,
+        float[] inverseFrequencies);
+
+    /// <summary>One query per sequence (q: [batch, heads, head_dim]) at position lengths[b] - 1. splits: 0 = the
+    /// device's choice (the CUDA devices' split count; ignored by the CPU).</summary>
+    public abstract float[] AttentionDecode(DType dtype, AttentionProblem problem, float[] q, int[] lengths, int splits);
+
+    /// <summary>A chunk of queries per sequence (q: [batch, tokens, heads, head_dim]) at positions starts[b]..</summary>
+    public abstract float[] AttentionPrefill(DType dtype, AttentionProblem problem, float[] q, int tokens, int[] starts);
+
+    /// <summary>Elements of every output's guard region; a device that writes into it fails the case.</summary>
+    public const int GuardElements = 67;
 
     public void Dispose()
     {
@@ -114,38 +143,14 @@ public sealed record VocabStatsOutput(float[] Stats, int[] TopIds, float[] TopLo
 /// <summary>The CPU device: the engine's own CPU ops (fp32 activations).</summary>
 public sealed unsafe class CpuOpBackend : OpBackend
 {
-    private readonly CpuDevice _device = new(threads: 2, scratchFloats: 1 << 16);
+    private const float Sentinel = -7.77e7f;
+
+    private CpuDevice? _device;
 
     public override string Name => "cpu";
 
-    public override float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
-    {
-        int tokens = x.Length / cols;
-        var y = residual is null ? new float[tokens * rows] : (float[])residual.Clone();
-        byte[] bytes = Encode(dtype, weight);
-        fixed (byte* data = bytes)
-        {
-            _device.Linear(x, tokens, new WeightMatrix("weight", dtype, rows, cols, data), bias, y, accumulate: residual is not null);
-        }
-        return y;
-    }
-
-    public override float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x)
-    {
-        var g = Gemv(dtype, gate, rows, cols, x, null, null);
-        var u = Gemv(dtype, up, rows, cols, x, null, null);
-        CpuDevice.SiluMultiply(g, u, new float[g.Length]);
-        return g;
-    }
-
-    protected override void Dispose(bool disposing)
-    {
-        if (disposing)
-        {
-            _device.Dispose();
-        }
-        base.Dispose(disposing);
-    }
+    /// <summary>The CPU device for the ops that need its jobs and scratch (attention).</summary>
+    private CpuDevice Device => _device ??= new CpuDevice(CpuWorkerPool.Shared.ThreadCount, scratchFloats: 1 << 16);
 
     public override float[] Embedding(DType tableDType, float[] table, int rows, int cols, int[] ids)
     {
@@ -208,6 +213,27 @@ public sealed unsafe class CpuOpBackend : OpBackend
     public override int[] Argmax(DType dtype, float[] x, int cols) =>
         Enumerable.Range(0, x.Length / cols).Select(r => System.Numerics.Tensors.TensorPrimitives.IndexOfMax(x.AsSpan(r * cols, cols))).ToArray();
 
+    /// <summary>RoPE on the CPU (fp32 tables as the engine builds them), then <see cref="KvCache.Write"/>.</summary>
+    public override float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
+    {
+        int tokens = x.Length / cols;
+        var y = residual is null ? new float[tokens * rows] : (float[])residual.Clone();
+        byte[] bytes = Encode(dtype, weight);
+        fixed (byte* data = bytes)
+        {
+            Device.Linear(x, tokens, new WeightMatrix("weight", dtype, rows, cols, data), bias, y, accumulate: residual is not null);
+        }
+        return y;
+    }
+
+    public override float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x)
+    {
+        var g = Gemv(dtype, gate, rows, cols, x, null, null);
+        var u = Gemv(dtype, up, rows, cols, x, null, null);
+        CpuDevice.SiluMultiply(g, u, new float[g.Length]);
+        return g;
+    }
+
     /// <summary>The CPU twin, <see cref="Runtime.Signals.VocabStats"/>: fp32 rows, or bf16 rows as raw bit patterns.</summary>
     public override VocabStatsOutput VocabStats(DType dtype, float[] logits, int vocabulary, int[]? tokens, float[]? reference, int topK)
     {
@@ -237,6 +263,111 @@ public sealed unsafe class CpuOpBackend : OpBackend
 
     /// <summary>A chunk of <see cref="Runtime.Signals.VocabStats.ChunkLength"/> entries is summed in fp32, chunks in fp64.</summary>
     public override int VocabStatsSumLength(DType dtype, int rows, int vocabulary) => Runtime.Signals.VocabStats.ChunkLength;
+
+    public override (float[] Keys, float[] Values) KvAppend(DType dtype, AttentionProblem problem, float[] k, float[] v, int tokens, int[] starts,
+        float[] inverseFrequencies)
+    {
+        var keys = new float[problem.CacheElements];
+        var values = new float[problem.CacheElements];
+        int rowWidth = problem.KvHeads * problem.HeadDim;
+        for (int b = 0; b < problem.Batch; b++)
+        {
+            using var cache = Load(problem, b);
+            var rotated = Rope(dtype, k.AsSpan(b * tokens * rowWidth, tokens * rowWidth).ToArray(), problem.KvHeads, problem.HeadDim, starts[b], inverseFrequencies);
+            cache.Write(0, starts[b], tokens, rotated, v.AsSpan(b * tokens * rowWidth, tokens * rowWidth));
+            Store(cache, problem, b, keys, values);
+        }
+        return (keys, values);
+    }
+
+    public override float[] AttentionDecode(DType dtype, AttentionProblem problem, float[] q, int[] lengths, int splits)
+    {
+        int width = problem.Heads * problem.HeadDim;
+        var output = WithGuard(problem.Batch * width);
+        for (int b = 0; b < problem.Batch; b++)
+        {
+            using var cache = Load(problem, b);
+            cache.Length = lengths[b];
+            Device.Attention(q.AsSpan(b * width, width), cache, 0, problem.Heads, lengths[b] - 1, 1, problem.Window,
+                output.AsSpan(b * width, width), Hook(problem, b));
+        }
+        return WithoutGuard(output, problem.Batch * width);
+    }
+
+    public override float[] AttentionPrefill(DType dtype, AttentionProblem problem, float[] q, int tokens, int[] starts)
+    {
+        int width = tokens * problem.Heads * problem.HeadDim;
+        var output = WithGuard(problem.Batch * width);
+        for (int b = 0; b < problem.Batch; b++)
+        {
+            using var cache = Load(problem, b);
+            cache.Length = starts[b] + tokens;
+            Device.Attention(q.AsSpan(b * width, width), cache, 0, problem.Heads, starts[b], tokens, problem.Window,
+                output.AsSpan(b * width, width), Hook(problem, b));
+        }
+        return WithoutGuard(output, problem.Batch * width);
+    }
+
+    private static AttentionHook Hook(AttentionProblem problem, int b)
+    {
+        int span = problem.Heads * problem.Capacity;
+        var bias = problem.Bias is null ? default : problem.Bias.AsSpan(b * span, span);
+        return problem.Selected is null ? new AttentionHook { KeyBias = bias } : new AttentionHook { KeyBias = bias, SelectedPositions = problem.Selected[b] };
+    }
+
+    /// <summary>Sequence b of the problem's caches as a one-layer CPU KV cache ([kv_head, position, head_dim] is
+    /// the device layout of one sequence).</summary>
+    private static KvCache Load(AttentionProblem problem, int b)
+    {
+        var cache = new KvCache(1, problem.KvHeads, problem.HeadDim, problem.Capacity);
+        int rows = problem.Capacity * problem.HeadDim;
+        for (int h = 0; h < problem.KvHeads; h++)
+        {
+            int offset = (b * problem.KvHeads + h) * rows;
+            problem.Keys.AsSpan(offset, rows).CopyTo(new Span<float>(cache.Keys(0, h), rows));
+            problem.Values.AsSpan(offset, rows).CopyTo(new Span<float>(cache.Values(0, h), rows));
+        }
+        return cache;
+    }
+
+    private static void Store(KvCache cache, AttentionProblem problem, int b, float[] keys, float[] values)
+    {
+        int rows = problem.Capacity * problem.HeadDim;
+        for (int h = 0; h < problem.KvHeads; h++)
+        {
+            int offset = (b * problem.KvHeads + h) * rows;
+            new ReadOnlySpan<float>(cache.Keys(0, h), rows).CopyTo(keys.AsSpan(offset, rows));
+            new ReadOnlySpan<float>(cache.Values(0, h), rows).CopyTo(values.AsSpan(offset, rows));
+        }
+    }
+
+    private static float[] WithGuard(int count)
+    {
+        var values = new float[count + GuardElements];
+        values.AsSpan(count).Fill(Sentinel);
+        return values;
+    }
+
+    private float[] WithoutGuard(float[] values, int count)
+    {
+        for (int i = count; i < values.Length; i++)
+        {
+            if (BitConverter.SingleToInt32Bits(values[i]) != BitConverter.SingleToInt32Bits(Sentinel))
+            {
+                throw new InvalidOperationException($"{Name}: wrote past its output of {count} elements (element {i} = {values[i]})");
+            }
+        }
+        return values[..count];
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _device?.Dispose();
+        }
+        base.Dispose(disposing);
+    }
 }
 
 /// <summary>A CUDA device (emulated or real) through the kernel library and the op entries.</summary>
@@ -390,6 +521,163 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         Array.Fill(words, sentinel);
         tensor.Upload<int>(words);
         return tensor;
+    }
+
+    public override (float[] Keys, float[] Values) KvAppend(DType dtype, AttentionProblem problem, float[] k, float[] v, int tokens, int[] starts,
+        float[] inverseFrequencies)
+    {
+        int[] cacheShape = [problem.Batch, problem.KvHeads, problem.Capacity, problem.HeadDim];
+        using var keyCache = new GuardedTensor(device, "k_cache", dtype, Encode(dtype, problem.Keys), cacheShape);
+        using var valueCache = new GuardedTensor(device, "v_cache", dtype, Encode(dtype, problem.Values), cacheShape);
+        using var kTensor = Upload("k", dtype, k, problem.Batch, tokens, problem.KvHeads, problem.HeadDim);
+        using var vTensor = Upload("v", dtype, v, problem.Batch, tokens, problem.KvHeads, problem.HeadDim);
+        using var startTensor = UploadInts("starts", starts, problem.Batch);
+        using var frequencies = Upload("inv_freq", DType.F32, inverseFrequencies, inverseFrequencies.Length);
+        CudaOps.KvAppend(device, kTensor, vTensor, startTensor, frequencies, keyCache.Tensor, valueCache.Tensor);
+        return (Decode(dtype, keyCache.Read()), Decode(dtype, valueCache.Read()));
+    }
+
+    public override float[] AttentionDecode(DType dtype, AttentionProblem problem, float[] q, int[] lengths, int splits)
+    {
+        using var caches = UploadCaches(dtype, problem);
+        using var query = Upload("q", dtype, q, problem.Batch, problem.Heads, problem.HeadDim);
+        using var lengthTensor = UploadInts("lengths", lengths, problem.Batch);
+        using var hook = UploadHook(problem);
+        // Sized as an engine would: for the split count the launcher picks at the full capacity (or the forced one).
+        int workspaceSplits = splits > 0 ? splits : CudaOps.AttentionDecodeSplits(device, problem.Batch, problem.Heads, problem.KvHeads, problem.HeadDim, problem.Capacity);
+        long workspaceElements = CudaOps.AttentionDecodeWorkspaceElements(problem.Batch, problem.Heads, problem.HeadDim, workspaceSplits);
+        using var workspace = workspaceElements == 0 ? null
+            : new GuardedTensor(device, "workspace", DType.F32, null, checked((int)workspaceElements));
+        using var output = new GuardedTensor(device, "out", dtype, null, problem.Batch, problem.Heads, problem.HeadDim);
+        CudaOps.AttentionDecode(device, query, caches.Keys.Tensor, caches.Values.Tensor, lengthTensor, lengths.Max(), problem.Window,
+            workspace?.Tensor, output.Tensor, hook.Hook, splits);
+        workspace?.Read();
+        caches.Check();
+        return Decode(dtype, output.Read());
+    }
+
+    public override float[] AttentionPrefill(DType dtype, AttentionProblem problem, float[] q, int tokens, int[] starts)
+    {
+        using var caches = UploadCaches(dtype, problem);
+        using var query = Upload("q", dtype, q, problem.Batch, tokens, problem.Heads, problem.HeadDim);
+        using var startTensor = UploadInts("starts", starts, problem.Batch);
+        using var hook = UploadHook(problem);
+        using var output = new GuardedTensor(device, "out", dtype, null, problem.Batch, tokens, problem.Heads, problem.HeadDim);
+        CudaOps.AttentionPrefill(device, query, caches.Keys.Tensor, caches.Values.Tensor, startTensor, problem.Window, output.Tensor, hook.Hook);
+        caches.Check();
+        return Decode(dtype, output.Read());
+    }
+
+    private DeviceTensor UploadInts(string tensorName, int[] values, params int[] shape)
+    {
+        var tensor = device.Allocate(tensorName, DType.I32, shape);
+        tensor.Upload<int>(values);
+        return tensor;
+    }
+
+    private sealed class Caches(GuardedTensor keys, GuardedTensor values) : IDisposable
+    {
+        public GuardedTensor Keys => keys;
+        public GuardedTensor Values => values;
+
+        /// <summary>Attention only reads the caches: their guards must be intact too.</summary>
+        public void Check()
+        {
+            keys.Read();
+            values.Read();
+        }
+
+        public void Dispose()
+        {
+            keys.Dispose();
+            values.Dispose();
+        }
+    }
+
+    private Caches UploadCaches(DType dtype, AttentionProblem problem)
+    {
+        int[] shape = [problem.Batch, problem.KvHeads, problem.Capacity, problem.HeadDim];
+        var keys = new GuardedTensor(device, "k_cache", dtype, Encode(dtype, problem.Keys), shape);
+        try
+        {
+            return new Caches(keys, new GuardedTensor(device, "v_cache", dtype, Encode(dtype, problem.Values), shape));
+        }
+        catch
+        {
+            keys.Dispose();
+            throw;
+        }
+    }
+
+    private sealed class HookTensors(DeviceTensor? bias, DeviceTensor? indices, DeviceTensor? counts) : IDisposable
+    {
+        public DeviceAttentionHook Hook => new(bias, indices, counts);
+
+        public void Dispose()
+        {
+            bias?.Dispose();
+            indices?.Dispose();
+            counts?.Dispose();
+        }
+    }
+
+    private HookTensors UploadHook(AttentionProblem problem)
+    {
+        DeviceTensor? bias = problem.Bias is null ? null : Upload("bias", DType.F32, problem.Bias, problem.Batch, problem.Heads, problem.Capacity);
+        if (problem.Selected is null)
+        {
+            return new HookTensors(bias, null, null);
+        }
+        // Rows padded past each count with a value no kernel may read as a position.
+        int width = Math.Max(1, problem.Selected.Max(list => list.Length) + 3);
+        var rows = new int[problem.Batch * width];
+        Array.Fill(rows, -123456);
+        for (int b = 0; b < problem.Batch; b++)
+        {
+            problem.Selected[b].CopyTo(rows, b * width);
+        }
+        return new HookTensors(bias, UploadInts("indices", rows, problem.Batch, width),
+            UploadInts("index_counts", problem.Selected.Select(list => list.Length).ToArray(), problem.Batch));
+    }
+
+    /// <summary>A tensor followed by <see cref="OpBackend.GuardElements"/> elements of a byte pattern (test-backend-ops'
+    /// sentinels, which also work on a GPU): <see cref="Read"/> fails when a kernel wrote into them.</summary>
+    private sealed class GuardedTensor : IDisposable
+    {
+        private const byte Pattern = 0xa5;
+        private readonly DeviceTensor _whole;
+
+        public GuardedTensor(CudaDevice device, string name, DType dtype, byte[]? contents, params int[] shape)
+        {
+            long elements = shape.Aggregate(1L, (product, dimension) => product * dimension);
+            _whole = device.Allocate(name + "+guard", dtype, checked((int)(elements + GuardElements)));
+            var bytes = new byte[_whole.ByteLength];
+            Array.Fill(bytes, Pattern);
+            contents?.CopyTo(bytes, 0);
+            _whole.Upload<byte>(bytes);
+            Tensor = _whole.View(name, dtype, 0, shape);
+        }
+
+        public DeviceTensor Tensor { get; }
+
+        public byte[] Read()
+        {
+            byte[] bytes = _whole.Download<byte>();
+            for (long i = Tensor.ByteLength; i < bytes.Length; i++)
+            {
+                if (bytes[i] != Pattern)
+                {
+                    throw new InvalidOperationException($"a kernel wrote past '{Tensor.Name}' {Tensor.ShapeText}: guard byte {i - Tensor.ByteLength} is 0x{bytes[i]:x2}");
+                }
+            }
+            return bytes[..(int)Tensor.ByteLength];
+        }
+
+        public void Dispose()
+        {
+            Tensor.Dispose();
+            _whole.Dispose();
+        }
     }
 
     protected override void Dispose(bool disposing)

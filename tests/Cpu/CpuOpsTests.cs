@@ -231,6 +231,41 @@ public sealed unsafe class CpuOpsTests
         Assert.That(output.Select(v => (double)v), Is.EqualTo(expected).Within(1e-5));
     }
 
+    [Test]
+    public void Attention_hook_that_changes_nothing_gives_the_same_bits()
+    {
+        // A zero bias and a selection of every prefix position take the hooked path; the result must not move.
+        const int heads = 6, kvHeads = 3, headDim = 16, start = 9, tokens = 5, window = 7;
+        int positions = start + tokens;
+        using var cache = new KvCache(layers: 1, kvHeads, headDim, capacity: positions + 2);
+        var random = new Random(8);
+        cache.Write(0, 0, positions, Random(random, positions * kvHeads * headDim), Random(random, positions * kvHeads * headDim));
+        cache.Length = positions;
+        var q = Random(random, tokens * heads * headDim, 2);
+        var plain = new float[q.Length];
+        _device.Attention(q, cache, 0, heads, start, tokens, window, plain);
+        var hooked = new float[q.Length];
+        var zeros = new float[heads * cache.Capacity];
+        int[] everything = Enumerable.Range(0, start).ToArray();
+        _device.Attention(q, cache, 0, heads, start, tokens, window, hooked, new AttentionHook { KeyBias = zeros, SelectedPositions = everything });
+        Assert.That(hooked, Is.EqualTo(plain));
+    }
+
+    [Test]
+    public void Attention_hook_is_validated()
+    {
+        using var cache = new KvCache(layers: 1, kvHeads: 1, headDim: 8, capacity: 10);
+        cache.Length = 4;
+        var q = new float[8];
+        var output = new float[8];
+        Assert.That(() => _device.Attention(q, cache, 0, 1, 3, 1, 0, output, new AttentionHook { KeyBias = new float[9] }),
+            Throws.ArgumentException.With.Message.Contains("key bias holds 9 values"));
+        Assert.That(() => _device.Attention(q, cache, 0, 1, 3, 1, 0, output, new AttentionHook { SelectedPositions = new[] { 0, 2, 2 } }),
+            Throws.ArgumentException.With.Message.Contains("not strictly ascending"));
+        Assert.That(() => _device.Attention(q, cache, 0, 1, 3, 1, 0, output, new AttentionHook { SelectedPositions = new[] { 10 } }),
+            Throws.ArgumentException.With.Message.Contains("capacity 10"));
+    }
+
     [TestCase(1, TestName = "silu_mul(n=1)")]
     [TestCase(1001, TestName = "silu_mul(n=1001)")]
     public void SiluMultiply_matches_fp64_reference(int n)

@@ -89,9 +89,14 @@ public static class ReferenceOps
     /// <summary>
     /// Causal GQA attention. q: [tokens, heads, d] at positions start..; keys/values: [positions, kvHeads, d]
     /// for positions 0..start+tokens. Window 0 = full causal; else keys j with p - j &lt; window.
+    /// The hook (docs/conventions.md): <paramref name="keyBias"/> [heads, biasStride] added to the scaled score of
+    /// (head, j), -inf masking; <paramref name="selected"/>: of the positions below start only the listed ones are
+    /// visible (the chunk's own always are). A query that sees no key gets zeros.
     /// </summary>
-    public static double[] Attention(double[] q, int tokens, int heads, double[] keys, double[] values, int kvHeads, int headDim, int start, int window)
+    public static double[] Attention(double[] q, int tokens, int heads, double[] keys, double[] values, int kvHeads, int headDim, int start, int window,
+        double[]? keyBias = null, int biasStride = 0, int[]? selected = null)
     {
+        var listed = selected is null ? null : new HashSet<int>(selected);
         var output = new double[tokens * heads * headDim];
         int group = heads / kvHeads;
         double scale = 1 / Math.Sqrt(headDim);
@@ -104,7 +109,7 @@ public static class ReferenceOps
                 var scores = new List<(int Position, double Score)>();
                 for (int j = 0; j <= position; j++)
                 {
-                    if (window > 0 && position - j >= window)
+                    if ((window > 0 && position - j >= window) || (listed is not null && j < start && !listed.Contains(j)))
                     {
                         continue;
                     }
@@ -113,9 +118,13 @@ public static class ReferenceOps
                     {
                         dot += q[(t * heads + h) * headDim + d] * keys[(j * kvHeads + kvHead) * headDim + d];
                     }
-                    scores.Add((j, dot * scale));
+                    scores.Add((j, dot * scale + (keyBias?[h * biasStride + j] ?? 0)));
                 }
-                double max = scores.Max(s => s.Score);
+                double max = scores.Count == 0 ? double.NegativeInfinity : scores.Max(s => s.Score);
+                if (double.IsNegativeInfinity(max))
+                {
+                    continue;
+                }
                 double total = scores.Sum(s => Math.Exp(s.Score - max));
                 foreach (var (j, score) in scores)
                 {

@@ -203,11 +203,13 @@ public sealed unsafe class CpuDevice : IDisposable
     /// <summary>
     /// Causal grouped-query attention of <paramref name="tokens"/> new queries at positions
     /// start.. against the KV cache of <paramref name="layer"/> (which must already hold them):
-    /// out[t, h] = softmax_j(q[t, h] . k[j, h / group] * scale) v[j, h / group], j in [lo, start + t],
-    /// lo = start + t - window + 1 with a sliding window (0 = none), else 0.
-    /// q, output: [tokens, heads * head_dim] fp32. Scores and softmax in fp32 with max subtraction.
+    /// out[t, h] = softmax_j(q[t, h] . k[j, h / group] * scale + bias[h, j]) v[j, h / group], j in [lo, start + t],
+    /// lo = start + t - window + 1 with a sliding window (0 = none), else 0; with a position selection only the
+    /// selected positions below start and the chunk's own (see <see cref="AttentionHook"/>, shared with the CUDA
+    /// kernels). q, output: [tokens, heads * head_dim] fp32. Scores and softmax in fp32 with max subtraction.
     /// </summary>
-    public void Attention(ReadOnlySpan<float> q, KvCache cache, int layer, int heads, int start, int tokens, int slidingWindow, Span<float> output)
+    public void Attention(ReadOnlySpan<float> q, KvCache cache, int layer, int heads, int start, int tokens, int slidingWindow, Span<float> output,
+        AttentionHook hook = default)
     {
         int width = heads * cache.HeadDim;
         if (heads % cache.KvHeads != 0)
@@ -226,11 +228,17 @@ public sealed unsafe class CpuDevice : IDisposable
         {
             throw new ArgumentException($"attention: {start + tokens} positions exceed the device scratch of {ScratchFloats}");
         }
-        fixed (float* qp = q, op = output)
+        ValidateHook(hook, heads, cache.Capacity);
+        fixed (float* qp = q, op = output, bias = hook.KeyBias)
+        fixed (int* selected = hook.SelectedPositions)
         {
             var job = _attention;
             job.Q = qp;
             job.Output = op;
+            job.Bias = hook.KeyBias.IsEmpty ? null : bias;
+            job.Selects = hook.SelectsPositions;
+            job.Selected = selected;
+            job.SelectedCount = hook.SelectedPositions.Length;
             job.Cache = cache;
             job.Layer = layer;
             job.Heads = heads;
@@ -242,6 +250,24 @@ public sealed unsafe class CpuDevice : IDisposable
             int grain = work <= SerialWorkLimit ? items : 1;
             _pool.Run(job, items, grain);
             job.Cache = null;
+            job.Bias = null;
+            job.Selected = null;
+        }
+    }
+
+    private static void ValidateHook(AttentionHook hook, int heads, int capacity)
+    {
+        if (!hook.KeyBias.IsEmpty && hook.KeyBias.Length != (long)heads * capacity)
+        {
+            throw new ArgumentException($"attention: the key bias holds {hook.KeyBias.Length} values; expected [heads {heads}, capacity {capacity}]");
+        }
+        var selected = hook.SelectedPositions;
+        for (int i = 0; i < selected.Length; i++)
+        {
+            if ((uint)selected[i] >= (uint)capacity || (i > 0 && selected[i] <= selected[i - 1]))
+            {
+                throw new ArgumentException($"attention: selected position [{i}] = {selected[i]} is not strictly ascending inside the cache capacity {capacity}");
+            }
         }
     }
 
@@ -255,6 +281,10 @@ public sealed unsafe class CpuDevice : IDisposable
         public int Start;
         public int Window;
         public float Scale;
+        public float* Bias;          // [heads, capacity] or null
+        public bool Selects;
+        public int* Selected;        // ascending positions when Selects
+        public int SelectedCount;
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public override void Execute(int begin, int end, int worker)
@@ -263,8 +293,14 @@ public sealed unsafe class CpuDevice : IDisposable
             int headDim = cache.HeadDim;
             int group = Heads / cache.KvHeads;
             float* scores = device.Scratch(worker);
+            bool hooked = Bias != null || Selects;
             for (int item = begin; item < end; item++)
             {
+                if (hooked)
+                {
+                    AttendHooked(item / Heads, item % Heads, cache, group, scores);
+                    continue;
+                }
                 int t = item / Heads;
                 int h = item % Heads;
                 int position = Start + t;
@@ -293,6 +329,87 @@ public sealed unsafe class CpuDevice : IDisposable
                 }
                 TensorPrimitives.Multiply(outputRow, inverseSum, outputRow);
             }
+        }
+
+        /// <summary>One (token, head) with the hook: the keys come from <see cref="KeyWalk"/> (walked twice, for the
+        /// scores and for the values, in the same order), the bias is added to the scaled scores, and a query
+        /// that sees no finite score gets zeros.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private void AttendHooked(int t, int h, KvCache cache, int group, float* scores)
+        {
+            int headDim = cache.HeadDim;
+            int position = Start + t;
+            int first = Window > 0 ? Math.Max(0, position - Window + 1) : 0;
+            var queryRow = new ReadOnlySpan<float>(Q + ((long)t * Heads + h) * headDim, headDim);
+            float* keys = cache.Keys(Layer, h / group);
+            float* values = cache.Values(Layer, h / group);
+            float* bias = Bias == null ? null : Bias + (long)h * cache.Capacity;
+            var outputRow = new Span<float>(Output + ((long)t * Heads + h) * headDim, headDim);
+            outputRow.Clear();
+
+            var walk = new KeyWalk(Selects ? Selected : null, SelectedCount, Start, first, position);
+            int count = 0;
+            float max = float.NegativeInfinity;
+            while (walk.Next(out int j))
+            {
+                float s = TensorPrimitives.Dot(queryRow, new ReadOnlySpan<float>(keys + (long)j * headDim, headDim)) * Scale;
+                if (bias != null)
+                {
+                    s += bias[j];
+                }
+                scores[count++] = s;
+                max = MathF.Max(max, s);
+            }
+            if (float.IsNegativeInfinity(max) || count == 0)
+            {
+                return;
+            }
+            var probabilities = new Span<float>(scores, count);
+            TensorPrimitives.Subtract(probabilities, max, probabilities);
+            TensorPrimitives.Exp(probabilities, probabilities);
+            float inverseSum = 1f / TensorPrimitives.Sum(probabilities);
+            walk = new KeyWalk(Selects ? Selected : null, SelectedCount, Start, first, position);
+            for (int i = 0; walk.Next(out int j); i++)
+            {
+                if (probabilities[i] != 0)
+                {
+                    TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(values + (long)j * headDim, headDim), probabilities[i], outputRow, outputRow);
+                }
+            }
+            TensorPrimitives.Multiply(outputRow, inverseSum, outputRow);
+        }
+    }
+
+    /// <summary>The keys a query at <c>position</c> sees, ascending: the selected positions in [first, start) (all of
+    /// them without a selection), then max(first, start)..position.</summary>
+    private struct KeyWalk(int* selected, int selectedCount, int start, int first, int position)
+    {
+        private int _index;
+        private int _next = selected == null ? first : Math.Max(first, start);
+
+        public bool Next(out int key)
+        {
+            while (selected != null && _index < selectedCount)
+            {
+                int candidate = selected[_index++];
+                if (candidate >= start)
+                {
+                    _index = selectedCount;
+                    break;
+                }
+                if (candidate >= first)
+                {
+                    key = candidate;
+                    return true;
+                }
+            }
+            key = _next;
+            if (_next > position)
+            {
+                return false;
+            }
+            _next++;
+            return true;
         }
     }
 

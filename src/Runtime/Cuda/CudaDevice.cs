@@ -46,6 +46,9 @@ public sealed class CudaDevice : IDisposable
 
     public string Name => Backend.DeviceName;
 
+    /// <summary>Streaming multiprocessors (the emulated device reports a small number).</summary>
+    public int MultiprocessorCount => Backend.MultiprocessorCount;
+
     public IReadOnlyCollection<string> FunctionNames => _functions.Keys;
 
     /// <summary>A kernel entry point by its extern "C" name (`rms_norm_bf16`).</summary>
@@ -102,9 +105,10 @@ public sealed class DeviceTensor : IDisposable
         Shape = shape;
         ElementCount = CountElements(shape);
         ByteLength = ElementCount * dtype.SizeOf();
-        if (byteOffset < 0 || byteOffset % dtype.SizeOf() != 0 || byteOffset + ByteLength > parent.ByteLength)
+        // 16-byte aligned: the kernels' vector loads rely on it.
+        if (byteOffset < 0 || byteOffset % 16 != 0 || byteOffset + ByteLength > parent.ByteLength)
         {
-            throw new ArgumentException($"view '{name}' {ShapeText} {dtype} at byte {byteOffset} does not fit, aligned, inside tensor '{parent.Name}' ({parent.ByteLength} bytes)");
+            throw new ArgumentException($"view '{name}' {ShapeText} {dtype} at byte {byteOffset} does not lie 16-byte aligned inside tensor '{parent.Name}' {parent.ShapeText} {parent.DType} ({parent.ByteLength} bytes)");
         }
         Address = parent.Address + (ulong)byteOffset;
     }

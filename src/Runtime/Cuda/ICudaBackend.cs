@@ -48,6 +48,10 @@ public interface ICudaBackend : IDisposable
 
     long TotalMemoryBytes { get; }
 
+    /// <summary>Streaming multiprocessors (132 on an H200); launchers size grids with it (flash-decoding's split
+    /// count). The emulated device reports <see cref="Emulator.EmulatorOptions.Multiprocessors"/>.</summary>
+    int MultiprocessorCount { get; }
+
     ulong Allocate(long bytes);
 
     void Free(ulong address);

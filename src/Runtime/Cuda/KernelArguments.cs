@@ -15,7 +15,7 @@ namespace KernelLM.Runtime.Cuda;
 /// </summary>
 public unsafe ref struct KernelArguments
 {
-    public const int MaxArguments = 16;
+    public const int MaxArguments = 24;
     public const int ValueBytes = MaxArguments * 8;
 
     private readonly Span<byte> _values;

@@ -69,6 +69,8 @@ public sealed class DriverBackend : ICudaBackend
 
     public long TotalMemoryBytes => Device.TotalMemoryBytes;
 
+    public int MultiprocessorCount => Device.Multiprocessors;
+
     public KernelCache Cache { get; }
 
     /// <summary>What <see cref="LoadModule"/> compiles for: `sm_XY` for this device, or `compute_XY` PTX when

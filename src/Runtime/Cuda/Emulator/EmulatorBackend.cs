@@ -49,6 +49,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         ArgumentNullException.ThrowIfNull(options);
         ArgumentOutOfRangeException.ThrowIfLessThanOrEqual(options.MemoryBytes, 0);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.Threads, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.Multiprocessors, 1);
         ArgumentOutOfRangeException.ThrowIfNegative(options.MaxDynamicSharedBytes);
         if (options.GuardBytes < DeviceHeap.Alignment || options.GuardBytes % DeviceHeap.Alignment != 0)
         {
@@ -78,6 +79,8 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
     public int ComputeCapability => _options.ComputeCapability;
 
     public long TotalMemoryBytes => _options.MemoryBytes;
+
+    public int MultiprocessorCount => _options.Multiprocessors;
 
     /// <summary>Live device allocations of this backend (tests assert it returns to zero).</summary>
     public int LiveAllocations

@@ -32,6 +32,11 @@ public sealed record EmulatorOptions
     /// <summary>Reported as <see cref="ICudaBackend.ComputeCapability"/> (sm_90, like the H200).</summary>
     public int ComputeCapability { get; init; } = 90;
 
+    /// <summary>Reported as <see cref="ICudaBackend.MultiprocessorCount"/>. Small on purpose: blocks run one after
+    /// another here, so grids sized for a 132-SM GPU would only cost time; tests that need a particular grid
+    /// (a split count) ask for it explicitly.</summary>
+    public int Multiprocessors { get; init; } = 4;
+
     public static string DefaultCacheDirectory() =>
         Environment.GetEnvironmentVariable("KERNELLM_CACHE_DIR") is { Length: > 0 } root
             ? Path.Combine(root, "emulator")
