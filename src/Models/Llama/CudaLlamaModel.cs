@@ -1,0 +1,160 @@
+using KernelLM.Runtime;
+using KernelLM.Runtime.Cuda;
+
+namespace KernelLM.Models.Llama;
+
+/// <summary>One layer's weights in device memory (matrices in the model's dtype, norms and biases fp32).</summary>
+public sealed class CudaLlamaLayer
+{
+    public required DeviceTensor Query { get; init; }         // [heads * head_dim, hidden]
+    public required DeviceTensor Key { get; init; }           // [kv_heads * head_dim, hidden]
+    public required DeviceTensor Value { get; init; }         // [kv_heads * head_dim, hidden]
+    public required DeviceTensor Output { get; init; }        // [hidden, heads * head_dim]
+    public required DeviceTensor Gate { get; init; }          // [intermediate, hidden]
+    public required DeviceTensor Up { get; init; }            // [intermediate, hidden]
+    public required DeviceTensor Down { get; init; }          // [hidden, intermediate]
+    public required DeviceTensor AttentionNorm { get; init; } // [hidden] f32
+    public required DeviceTensor MlpNorm { get; init; }       // [hidden] f32
+    public DeviceTensor? QueryBias { get; init; }             // [heads * head_dim] f32
+    public DeviceTensor? KeyBias { get; init; }               // [kv_heads * head_dim] f32
+    public DeviceTensor? ValueBias { get; init; }             // [kv_heads * head_dim] f32
+    public DeviceTensor? OutputBias { get; init; }            // [hidden] f32
+}
+
+/// <summary>
+/// A <see cref="LlamaModel"/>'s weights uploaded once to a CUDA device (real or emulated): every matrix in the
+/// checkpoint's dtype, which is also the dtype of the device activations; norms, biases and RoPE inverse
+/// frequencies in fp32. Device memory used = <see cref="WeightBytes"/> here, plus each session's KV cache and
+/// workspace (<see cref="CudaLlamaSession.ByteLength"/>). Out of memory is a typed error naming the tensor that
+/// did not fit, and everything uploaded before it is freed.
+/// </summary>
+public sealed class CudaLlamaModel : IDisposable
+{
+    private readonly List<DeviceTensor> _tensors = [];
+
+    private unsafe CudaLlamaModel(LlamaModel model, CudaDevice device)
+    {
+        Model = model;
+        Device = device;
+        var config = model.Config;
+        DType = model.Layers[0].Query.DType;
+        try
+        {
+            Upload(model, config);
+        }
+        catch
+        {
+            FreeAll();
+            throw;
+        }
+    }
+
+    private unsafe void Upload(LlamaModel model, ModelConfig config)
+    {
+        Embedding = UploadMatrix(model.Embedding);
+        LmHead = model.LmHead.Data == model.Embedding.Data ? Embedding : UploadMatrix(model.LmHead);
+        FinalNorm = UploadVector("model.norm.weight", model.FinalNorm);
+        InverseFrequencies = UploadVector("rope.inv_freq", RopeTable.InverseFrequencies(config));
+        Layers = new CudaLlamaLayer[config.Layers];
+        for (int i = 0; i < config.Layers; i++)
+        {
+            var layer = model.Layers[i];
+            string prefix = $"model.layers.{i}.";
+            Layers[i] = new CudaLlamaLayer
+            {
+                Query = UploadMatrix(layer.Query),
+                Key = UploadMatrix(layer.Key),
+                Value = UploadMatrix(layer.Value),
+                Output = UploadMatrix(layer.Output),
+                Gate = UploadMatrix(layer.Gate),
+                Up = UploadMatrix(layer.Up),
+                Down = UploadMatrix(layer.Down),
+                AttentionNorm = UploadVector(prefix + "input_layernorm.weight", layer.AttentionNorm),
+                MlpNorm = UploadVector(prefix + "post_attention_layernorm.weight", layer.MlpNorm),
+                QueryBias = OptionalVector(prefix + "self_attn.q_proj.bias", layer.QueryBias),
+                KeyBias = OptionalVector(prefix + "self_attn.k_proj.bias", layer.KeyBias),
+                ValueBias = OptionalVector(prefix + "self_attn.v_proj.bias", layer.ValueBias),
+                OutputBias = OptionalVector(prefix + "self_attn.o_proj.bias", layer.OutputBias),
+            };
+        }
+    }
+
+    public LlamaModel Model { get; }
+    public CudaDevice Device { get; }
+    public ModelConfig Config => Model.Config;
+
+    /// <summary>The dtype of the matrices and of every device activation.</summary>
+    public DType DType { get; }
+
+    public DeviceTensor Embedding { get; private set; } = null!;          // [vocab, hidden]
+    public DeviceTensor LmHead { get; private set; } = null!;             // [vocab, hidden]; the embedding when tied
+    public DeviceTensor FinalNorm { get; private set; } = null!;          // [hidden] f32
+    public DeviceTensor InverseFrequencies { get; private set; } = null!; // [head_dim / 2] f32, rope_scaling applied
+    public CudaLlamaLayer[] Layers { get; private set; } = [];
+
+    /// <summary>Device bytes of the weights.</summary>
+    public long WeightBytes => _tensors.Sum(t => t.ByteLength);
+
+    /// <summary>Uploads <paramref name="model"/>'s weights to <paramref name="device"/> (which the result does not own).</summary>
+    public static CudaLlamaModel Upload(LlamaModel model, CudaDevice device)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(device);
+        var dtype = model.Layers[0].Query.DType;
+        var matrices = model.Layers.SelectMany(l => new[] { l.Query, l.Key, l.Value, l.Output, l.Gate, l.Up, l.Down })
+            .Append(model.Embedding).Append(model.LmHead);
+        foreach (var matrix in matrices)
+        {
+            if (matrix.DType != dtype)
+            {
+                throw new ModelConfigException(
+                    $"{model.Directory}: tensor '{matrix.Name}' is {matrix.DType} but '{model.Layers[0].Query.Name}' is {dtype}; the CUDA device runs one dtype per model");
+            }
+        }
+        return new CudaLlamaModel(model, device);
+    }
+
+    private DeviceTensor Allocate(string name, DType dtype, params int[] shape)
+    {
+        var tensor = DeviceMemory.Allocate(Device, name, dtype, shape, $"after {WeightBytes:N0} bytes of weights");
+        _tensors.Add(tensor);
+        return tensor;
+    }
+
+    /// <summary>Copies a matrix straight from the memory map (the page cache) in pieces of at most 256 MB.</summary>
+    private unsafe DeviceTensor UploadMatrix(in WeightMatrix matrix)
+    {
+        var tensor = Allocate(matrix.Name, matrix.DType, matrix.Rows, matrix.Cols);
+        const long piece = 256L << 20;
+        for (long offset = 0; offset < matrix.ByteLength; offset += piece)
+        {
+            int length = (int)Math.Min(piece, matrix.ByteLength - offset);
+            Device.Backend.CopyHostToDevice(tensor.Address + (ulong)offset, new ReadOnlySpan<byte>(matrix.Data + offset, length), 0);
+        }
+        return tensor;
+    }
+
+    private DeviceTensor UploadVector(string name, float[] values)
+    {
+        var tensor = Allocate(name, DType.F32, values.Length);
+        tensor.Upload<float>(values);
+        return tensor;
+    }
+
+    private DeviceTensor? OptionalVector(string name, float[] values) => values.Length == 0 ? null : UploadVector(name, values);
+
+    /// <summary>A new sequence with its own device KV cache of <paramref name="capacity"/> tokens (0 = the model's context).</summary>
+    public CudaLlamaSession CreateSession(int capacity = 0) =>
+        new(this, capacity > 0 ? Math.Min(capacity, Model.ContextLength) : Model.ContextLength, Model.Options.PrefillChunk);
+
+    private void FreeAll()
+    {
+        foreach (var tensor in _tensors)
+        {
+            tensor.Dispose();
+        }
+        _tensors.Clear();
+    }
+
+    public void Dispose() => FreeAll();
+}

@@ -1,0 +1,310 @@
+using KernelLM.Runtime;
+using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Ops;
+using KernelLM.Runtime.Generation;
+
+namespace KernelLM.Models.Llama;
+
+/// <summary>
+/// One sequence on a <see cref="CudaLlamaModel"/>: the device KV cache and every activation buffer, allocated
+/// once for <see cref="Capacity"/> tokens and prefill chunks of up to <c>chunk</c> tokens. The same block as the
+/// CPU session (LlamaSession), in the model's dtype with fp32 accumulation in every kernel:
+///
+///   x = embed(ids)
+///   per layer:  h = rms_norm(x);  q, k, v = h Wq^T (+b), h Wk^T (+b), h Wv^T (+b);  q = rope(q)
+///               kv_append(k (rope at write), v);  a = attention(q, cache);  x = x + a Wo^T
+///               h = rms_norm(x);  x = x + (silu(h Wg^T) * (h Wu^T)) Wd^T
+///   logits = rms_norm(x) Wlm^T
+///
+/// Decode (one token) uses the GEMVs (gate and up fused with SwiGLU) and flash-decoding; prefill chunks use the
+/// GEMM and the tiled prefill attention. The views a decode step uses are made once, so a decode step
+/// allocates nothing on the host or the device; logits are widened to fp32 on the device and copied back.
+/// </summary>
+public sealed class CudaLlamaSession : IDecoderSession
+{
+    private readonly CudaLlamaModel _model;
+    private readonly CudaDevice _device;
+    private readonly int _chunk;
+    private readonly List<DeviceTensor> _owned = [];
+    private readonly DeviceTensor[] _keyCache;   // per layer [1, kv_heads, capacity, head_dim]
+    private readonly DeviceTensor[] _valueCache; // per layer [1, kv_heads, capacity, head_dim]
+    private readonly DeviceTensor _ids;          // [chunk] i32
+    private readonly DeviceTensor _embedded;     // [chunk, hidden] f32 (embedding output; x itself when the model is f32)
+    private readonly DeviceTensor _x;            // [chunk, hidden] residual stream
+    private readonly DeviceTensor _norm;         // [chunk, hidden]
+    private readonly DeviceTensor _q;            // [chunk, heads * head_dim]
+    private readonly DeviceTensor _k;            // [chunk, kv_heads * head_dim]
+    private readonly DeviceTensor _v;            // [chunk, kv_heads * head_dim]
+    private readonly DeviceTensor _attention;    // [chunk, heads * head_dim]
+    private readonly DeviceTensor _gate;         // [chunk, intermediate]
+    private readonly DeviceTensor _up;           // [chunk, intermediate]
+    private readonly DeviceTensor _logits;       // [chunk, vocab] model dtype
+    private readonly DeviceTensor? _logitsF32;   // [chunk, vocab] f32 (when the model dtype is not f32)
+    private readonly DeviceTensor _starts;       // [1] i32: position of the chunk's first token
+    private readonly DeviceTensor _lengths;      // [1] i32: valid positions after the chunk
+    private readonly DeviceTensor? _workspace;   // flash-decoding partials
+    private readonly Views _decode;              // views for one token, made once
+    private int _length;
+    private bool _disposed;
+
+    internal CudaLlamaSession(CudaLlamaModel model, int capacity, int chunk)
+    {
+        _model = model;
+        _device = model.Device;
+        var c = model.Config;
+        var dtype = model.DType;
+        Capacity = capacity;
+        _chunk = Math.Max(1, Math.Min(chunk, capacity));
+        _keyCache = new DeviceTensor[c.Layers];
+        _valueCache = new DeviceTensor[c.Layers];
+        try
+        {
+            for (int layer = 0; layer < c.Layers; layer++)
+            {
+                _keyCache[layer] = Allocate($"k_cache.{layer}", dtype, 1, c.KvHeads, capacity, c.HeadDim);
+                _valueCache[layer] = Allocate($"v_cache.{layer}", dtype, 1, c.KvHeads, capacity, c.HeadDim);
+            }
+            _ids = Allocate("ids", DType.I32, _chunk);
+            _x = Allocate("x", dtype, _chunk, c.HiddenSize);
+            _embedded = dtype == DType.F32 ? _x : Allocate("embed", DType.F32, _chunk, c.HiddenSize);
+            _norm = Allocate("norm", dtype, _chunk, c.HiddenSize);
+            _q = Allocate("q", dtype, _chunk, c.Heads * c.HeadDim);
+            _k = Allocate("k", dtype, _chunk, c.KvHeads * c.HeadDim);
+            _v = Allocate("v", dtype, _chunk, c.KvHeads * c.HeadDim);
+            _attention = Allocate("attn", dtype, _chunk, c.Heads * c.HeadDim);
+            _gate = Allocate("gate", dtype, _chunk, c.IntermediateSize);
+            _up = Allocate("up", dtype, _chunk, c.IntermediateSize);
+            _logits = Allocate("logits", dtype, _chunk, c.VocabularySize);
+            _logitsF32 = dtype == DType.F32 ? null : Allocate("logits_f32", DType.F32, _chunk, c.VocabularySize);
+            _starts = Allocate("starts", DType.I32, 1);
+            _lengths = Allocate("lengths", DType.I32, 1);
+            int splits = CudaOps.AttentionDecodeSplits(_device, 1, c.Heads, c.KvHeads, c.HeadDim, capacity);
+            long workspace = CudaOps.AttentionDecodeWorkspaceElements(1, c.Heads, c.HeadDim, splits);
+            _workspace = workspace > 0 ? Allocate("attn_workspace", DType.F32, checked((int)workspace)) : null;
+            _decode = new Views(this, 1);
+        }
+        catch
+        {
+            FreeAll();
+            throw;
+        }
+    }
+
+    public int VocabularySize => _model.Config.VocabularySize;
+    public int Capacity { get; }
+    public int Length => _length;
+
+    /// <summary>Device bytes this session holds: KV cache, activations and workspace.</summary>
+    public long ByteLength => _owned.Sum(t => t.ByteLength);
+
+    /// <summary>Device bytes of the KV cache alone.</summary>
+    public long KvCacheBytes => _keyCache.Sum(t => t.ByteLength) + _valueCache.Sum(t => t.ByteLength);
+
+    public void Reset() => _length = 0;
+
+    private DeviceTensor Allocate(string name, DType dtype, params int[] shape)
+    {
+        var tensor = DeviceMemory.Allocate(_device, name, dtype, shape, $"after {ByteLength:N0} bytes of this session (weights: {_model.WeightBytes:N0} bytes)");
+        _owned.Add(tensor);
+        return tensor;
+    }
+
+    /// <summary>The activation buffers seen as tensors of <c>tokens</c> rows (non-owning views).</summary>
+    private sealed class Views
+    {
+        public Views(CudaLlamaSession s, int tokens)
+        {
+            var c = s._model.Config;
+            var dtype = s._model.DType;
+            Tokens = tokens;
+            Ids = s._ids.View("ids", DType.I32, 0, tokens);
+            Embedded = s._embedded.View("embed", s._embedded.DType, 0, tokens, c.HiddenSize);
+            X = s._x.View("x", dtype, 0, tokens, c.HiddenSize);
+            Norm = s._norm.View("norm", dtype, 0, tokens, c.HiddenSize);
+            LastNorm = s._norm.View("final_norm", dtype, (long)(tokens - 1) * c.HiddenSize * dtype.SizeOf(), 1, c.HiddenSize);
+            Q = s._q.View("q", dtype, 0, tokens, c.Heads * c.HeadDim);
+            QHeads = s._q.View("q", dtype, 0, 1, tokens, c.Heads, c.HeadDim);
+            QDecode = s._q.View("q", dtype, 0, 1, c.Heads, c.HeadDim);
+            K = s._k.View("k", dtype, 0, tokens, c.KvHeads * c.HeadDim);
+            KHeads = s._k.View("k", dtype, 0, 1, tokens, c.KvHeads, c.HeadDim);
+            V = s._v.View("v", dtype, 0, tokens, c.KvHeads * c.HeadDim);
+            VHeads = s._v.View("v", dtype, 0, 1, tokens, c.KvHeads, c.HeadDim);
+            Attention = s._attention.View("attn", dtype, 0, tokens, c.Heads * c.HeadDim);
+            AttentionHeads = s._attention.View("attn", dtype, 0, 1, tokens, c.Heads, c.HeadDim);
+            AttentionDecode = s._attention.View("attn", dtype, 0, 1, c.Heads, c.HeadDim);
+            Gate = s._gate.View("gate", dtype, 0, tokens, c.IntermediateSize);
+            Up = s._up.View("up", dtype, 0, tokens, c.IntermediateSize);
+            Logits = s._logits.View("logits", dtype, 0, tokens, c.VocabularySize);
+            LastLogits = s._logits.View("logits", dtype, 0, 1, c.VocabularySize);
+            LogitsF32 = s._logitsF32?.View("logits_f32", DType.F32, 0, tokens, c.VocabularySize);
+            LastLogitsF32 = s._logitsF32?.View("logits_f32", DType.F32, 0, 1, c.VocabularySize);
+        }
+
+        public int Tokens { get; }
+        public DeviceTensor Ids { get; }
+        public DeviceTensor Embedded { get; }
+        public DeviceTensor X { get; }
+        public DeviceTensor Norm { get; }
+        public DeviceTensor LastNorm { get; }
+        public DeviceTensor Q { get; }
+        public DeviceTensor QHeads { get; }
+        public DeviceTensor QDecode { get; }
+        public DeviceTensor K { get; }
+        public DeviceTensor KHeads { get; }
+        public DeviceTensor V { get; }
+        public DeviceTensor VHeads { get; }
+        public DeviceTensor Attention { get; }
+        public DeviceTensor AttentionHeads { get; }
+        public DeviceTensor AttentionDecode { get; }
+        public DeviceTensor Gate { get; }
+        public DeviceTensor Up { get; }
+        public DeviceTensor Logits { get; }
+        public DeviceTensor LastLogits { get; }
+        public DeviceTensor? LogitsF32 { get; }
+        public DeviceTensor? LastLogitsF32 { get; }
+    }
+
+    public void Forward(ReadOnlySpan<int> tokens, Span<float> logits, bool allPositions = false)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        var config = _model.Config;
+        int vocabulary = config.VocabularySize;
+        if (tokens.IsEmpty)
+        {
+            throw new ArgumentException("forward needs at least one token", nameof(tokens));
+        }
+        if (_length + tokens.Length > Capacity)
+        {
+            throw new ContextLengthException(
+                $"{_length} tokens in the context plus {tokens.Length} new ones exceed its capacity of {Capacity} tokens");
+        }
+        long needed = allPositions ? (long)tokens.Length * vocabulary : vocabulary;
+        if (logits.Length < needed)
+        {
+            throw new ArgumentException($"logits must hold {needed} values ({(allPositions ? tokens.Length : 1)} x vocabulary {vocabulary})", nameof(logits));
+        }
+        foreach (int token in tokens)
+        {
+            if ((uint)token >= (uint)vocabulary)
+            {
+                throw new InvalidParameterException("token", $"id {token} is outside the vocabulary of {vocabulary}");
+            }
+        }
+        for (int start = 0; start < tokens.Length; start += _chunk)
+        {
+            int count = Math.Min(_chunk, tokens.Length - start);
+            var views = count == 1 ? _decode : new Views(this, count);
+            ForwardChunk(tokens.Slice(start, count), views);
+            if (allPositions)
+            {
+                Head(views, allRows: true, logits.Slice(start * vocabulary, count * vocabulary));
+            }
+            else if (start + count == tokens.Length)
+            {
+                Head(views, allRows: false, logits[..vocabulary]);
+            }
+        }
+    }
+
+    private void Head(Views views, bool allRows, Span<float> destination)
+    {
+        var config = _model.Config;
+        float epsilon = (float)config.RmsNormEpsilon;
+        if (allRows)
+        {
+            CudaOps.RmsNorm(_device, views.X, _model.FinalNorm, epsilon, views.Norm);
+            CudaOps.Linear(_device, _model.LmHead, views.Norm, views.Logits);
+            Download(views.Logits, views.LogitsF32, destination);
+        }
+        else
+        {
+            var last = views.Tokens == 1 ? views.X : _x.View("x", _model.DType, (long)(views.Tokens - 1) * config.HiddenSize * _model.DType.SizeOf(), 1, config.HiddenSize);
+            CudaOps.RmsNorm(_device, last, _model.FinalNorm, epsilon, views.LastNorm);
+            CudaOps.Linear(_device, _model.LmHead, views.LastNorm, views.LastLogits);
+            Download(views.LastLogits, views.LastLogitsF32, destination);
+        }
+    }
+
+    private void Download(DeviceTensor logits, DeviceTensor? widened, Span<float> destination)
+    {
+        if (widened is null)
+        {
+            logits.Download(destination);
+            return;
+        }
+        CudaOps.Convert(_device, logits, widened);
+        widened.Download(destination);
+    }
+
+    private void ForwardChunk(ReadOnlySpan<int> tokens, Views views)
+    {
+        var config = _model.Config;
+        int count = tokens.Length;
+        int start = _length;
+        float epsilon = (float)config.RmsNormEpsilon;
+        views.Ids.Upload(tokens);
+        Span<int> position = [start];
+        _starts.Upload<int>(position);
+        position[0] = start + count;
+        _lengths.Upload<int>(position);
+
+        CudaOps.Embedding(_device, _model.Embedding, views.Ids, views.Embedded);
+        if (!ReferenceEquals(_embedded, _x))
+        {
+            CudaOps.Convert(_device, views.Embedded, views.X);
+        }
+        for (int layer = 0; layer < config.Layers; layer++)
+        {
+            var weights = _model.Layers[layer];
+            CudaOps.RmsNorm(_device, views.X, weights.AttentionNorm, epsilon, views.Norm);
+            CudaOps.Linear(_device, weights.Query, views.Norm, views.Q, weights.QueryBias);
+            CudaOps.Linear(_device, weights.Key, views.Norm, views.K, weights.KeyBias);
+            CudaOps.Linear(_device, weights.Value, views.Norm, views.V, weights.ValueBias);
+            CudaOps.Rope(_device, views.Q, config.Heads, _model.InverseFrequencies, start);
+            CudaOps.KvAppend(_device, views.KHeads, views.VHeads, _starts, _model.InverseFrequencies, _keyCache[layer], _valueCache[layer]);
+            if (count == 1)
+            {
+                CudaOps.AttentionDecode(_device, views.QDecode, _keyCache[layer], _valueCache[layer], _lengths, start + 1, config.SlidingWindow,
+                    _workspace, views.AttentionDecode);
+            }
+            else
+            {
+                CudaOps.AttentionPrefill(_device, views.QHeads, _keyCache[layer], _valueCache[layer], _starts, config.SlidingWindow, views.AttentionHeads);
+            }
+            CudaOps.Linear(_device, weights.Output, views.Attention, views.X, weights.OutputBias, residual: views.X);
+
+            CudaOps.RmsNorm(_device, views.X, weights.MlpNorm, epsilon, views.Norm);
+            if (count <= CudaOps.GemvMaxTokens)
+            {
+                CudaOps.GemvSilu(_device, weights.Gate, weights.Up, views.Norm, views.Gate);
+            }
+            else
+            {
+                CudaOps.Gemm(_device, weights.Gate, views.Norm, views.Gate);
+                CudaOps.Gemm(_device, weights.Up, views.Norm, views.Up);
+                CudaOps.SiluMultiply(_device, views.Gate, views.Up);
+            }
+            CudaOps.Linear(_device, weights.Down, views.Gate, views.X, residual: views.X);
+        }
+        _length = start + count;
+    }
+
+    private void FreeAll()
+    {
+        foreach (var tensor in _owned)
+        {
+            tensor.Dispose();
+        }
+        _owned.Clear();
+    }
+
+    public void Dispose()
+    {
+        if (_disposed)
+        {
+            return;
+        }
+        _disposed = true;
+        FreeAll();
+    }
+}

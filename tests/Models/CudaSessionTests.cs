@@ -1,0 +1,114 @@
+using KernelLM.Models;
+using KernelLM.Models.Llama;
+using KernelLM.Runtime;
+using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Emulator;
+using KernelLM.Tests.Fixtures;
+using KernelLM.Tests.Support;
+
+namespace KernelLM.Tests.Models;
+
+/// <summary>
+/// Whole models on the CUDA path (the emulated device, which executes the real kernels): CPU and CUDA sessions
+/// must agree on every architecture variant the loader supports, prefill in chunks and KV-cached decode; the
+/// embedded model reproduces its golden logits and greedy continuation; out of memory is a typed error that
+/// leaks nothing.
+/// </summary>
+[TestFixture]
+public sealed class CudaSessionTests
+{
+    private CudaDevice _device = null!;
+    private string _directory = "";
+
+    [OneTimeSetUp]
+    public void CreateDevice() => _device = new CudaDevice(new EmulatorBackend());
+
+    [OneTimeTearDown]
+    public void DisposeDevice() => _device.Dispose();
+
+    [SetUp]
+    public void CreateDirectory() => _directory = TestPaths.NewTemporaryDirectory("cuda-session");
+
+    [TearDown]
+    public void DeleteDirectory() => Directory.Delete(_directory, recursive: true);
+
+    /// <summary>
+    /// The tolerance between the CPU (fp32 activations) and the device (activations stored in the model's dtype,
+    /// fp32 accumulation). fp32 models: both sides differ only in summation order, a few u = 2^-24 per op; 2e-5 x
+    /// (1 + max |logit|) as in the fp64 reference test. bf16 / f16 models: every stored activation is rounded to
+    /// the dtype (unit roundoff 2^-8 / 2^-11); the residual stream is rounded 2 x layers + 2 times along any path
+    /// to the logits and the per-op roundings of q, k, v, attention and the MLP add to the same order, so the
+    /// bound is (4 x layers + 4) x unit roundoff x (1 + max |logit|).
+    /// </summary>
+    private static double Tolerance(DType dtype, int layers, double maxLogit) => dtype switch
+    {
+        DType.F32 => 2e-5 * (1 + maxLogit),
+        DType.F16 => (4.0 * layers + 4) / 2048 * (1 + maxLogit),
+        _ => (4.0 * layers + 4) / 256 * (1 + maxLogit),
+    };
+
+    private static IEnumerable<TestCaseData> Models()
+    {
+        yield return Case("llama_gqa_bf16", new SyntheticModelSpec());
+        yield return Case("llama_no_gqa_f32", new SyntheticModelSpec { KvHeads = 4, DType = DType.F32, Seed = 2 });
+        yield return Case("llama_mqa_tied_f16", new SyntheticModelSpec { KvHeads = 1, TieWordEmbeddings = true, DType = DType.F16, Seed = 3 });
+        yield return Case("llama_attention_bias_f32", new SyntheticModelSpec { AttentionBias = true, DType = DType.F32, Seed = 4 });
+        yield return Case("llama_llama3_rope_scaling_f32", new SyntheticModelSpec { Llama3RopeScaling = true, DType = DType.F32, Seed = 5 });
+        yield return Case("llama_head_dim_32_bf16", new SyntheticModelSpec { HeadDim = 32, Seed = 6 });
+        yield return Case("mistral_sliding_window_5_f32", new SyntheticModelSpec { Architecture = Architecture.Mistral, SlidingWindow = 5, DType = DType.F32, Seed = 7 });
+        yield return Case("qwen2_biases_bf16", new SyntheticModelSpec { Architecture = Architecture.Qwen2, Seed = 8 });
+        yield return Case("qwen2_tied_f32", new SyntheticModelSpec { Architecture = Architecture.Qwen2, TieWordEmbeddings = true, DType = DType.F32, Seed = 9 });
+    }
+
+    private static TestCaseData Case(string name, SyntheticModelSpec spec) => new TestCaseData(spec).SetName($"cpu_vs_cuda({name})");
+
+    [TestCaseSource(nameof(Models))]
+    public void Cpu_and_cuda_sessions_agree(SyntheticModelSpec spec)
+    {
+        SyntheticModel.Write(_directory, spec);
+        int[] prompt = [0, 17, 300, 1999, 45, 45, 1024, 7, 88, 1500, 2047, 3, 640, 99, 12, 150, 151, 152, 5];
+        int[] decoded = [42, 1001, 77, 2000, 9, 9];
+        int vocabulary = spec.VocabularySize;
+        // Chunks of 8: the prompt takes three prefill chunks, the last one partial.
+        using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 2, ContextLength = 64, PrefillChunk = 8 });
+        using var cpu = model.CreateSession();
+        using var uploaded = CudaLlamaModel.Upload(model, _device);
+        using var cuda = uploaded.CreateSession();
+
+        var expected = new float[prompt.Length * vocabulary];
+        var actual = new float[prompt.Length * vocabulary];
+        cpu.Forward(prompt, expected, allPositions: true);
+        cuda.Forward(prompt, actual, allPositions: true);
+        double worst = Compare(spec, expected, actual, "prefill");
+        var expectedRow = new float[vocabulary];
+        var actualRow = new float[vocabulary];
+        foreach (int token in decoded)
+        {
+            cpu.Forward([token], expectedRow);
+            cuda.Forward([token], actualRow);
+            worst = Math.Max(worst, Compare(spec, expectedRow, actualRow, $"decode at {cuda.Length - 1}"));
+        }
+        Assert.That(cuda.Length, Is.EqualTo(cpu.Length));
+        TestContext.Out.WriteLine($"{spec.DType}: max |cpu - cuda| = {worst:E3}");
+    }
+
+    private static double Compare(SyntheticModelSpec spec, float[] expected, float[] actual, string what)
+    {
+        double maxLogit = expected.Max(v => Math.Abs(v));
+        double tolerance = Tolerance(spec.DType, spec.Layers, maxLogit);
+        double worst = 0;
+        int worstIndex = 0;
+        for (int i = 0; i < expected.Length; i++)
+        {
+            double error = Math.Abs(expected[i] - actual[i]);
+            if (!(error <= worst))
+            {
+                worst = error;
+                worstIndex = i;
+            }
+        }
+        Assert.That(worst, Is.LessThanOrEqualTo(tolerance),
+            $"{what}: logit {worstIndex} cpu {expected[worstIndex]} cuda {actual[worstIndex]} (tolerance {tolerance:E2}, max |logit| {maxLogit:F2})");
+        return worst;
+    }
+}
