@@ -9,7 +9,8 @@ namespace KernelLM.Bench;
 
 /// <summary>
 /// KernelLM's benchmark suites (BenchmarkDotNet): decode and prefill on the embedded model, GEMV on
-/// Llama-3.2-1B-shaped weights, and the machine's streaming read bandwidth (the roofline). Extra options on
+/// Llama-3.2-1B-shaped weights, the vocab_stats token signals on one row of logits (CPU twin; CUDA where there is a
+/// GPU), and the machine's streaming read bandwidth (the roofline). Extra options on
 /// top of BenchmarkDotNet's own (--filter, --job, --list, ...):
 ///   --quick            every selected suite with a tiny job (ShortRun, 1 warm-up + 3 iterations, 1 launch),
 ///                      all in one joined table (--join) so the GEMV/decode rows are set against the
@@ -97,7 +98,11 @@ public static class Program
                 {
                     line += string.Create(CultureInfo.InvariantCulture, $" {t,9:N0} tokens/s");
                 }
-                if (gigabytes is double g)
+                if (gigabytes is double gpu && Roofline.OnGpu(benchmark))
+                {
+                    line += string.Create(CultureInfo.InvariantCulture, $" {gpu,7:N2} GB/s on the GPU (its roofline: the device report of tools/device-check.sh)");
+                }
+                else if (gigabytes is double g)
                 {
                     int threads = Roofline.Threads(benchmark);
                     if (!peaks.TryGetValue(threads, out var peak))
@@ -105,6 +110,10 @@ public static class Program
                         peak = peaks[threads] = Roofline.Peak(summary, threads);
                     }
                     line += string.Create(CultureInfo.InvariantCulture, $" {g,7:N2} GB/s = {100 * g / peak.GigabytesPerSecond,3:N0}% of the {threads}-thread peak");
+                }
+                if (Roofline.ShareOfDecodeStep(summary, benchmark) is double share)
+                {
+                    line += string.Create(CultureInfo.InvariantCulture, $", {100 * share:N2}% of an embedded-model decode step");
                 }
                 output.WriteLine(line);
             }

@@ -61,11 +61,37 @@ public static class Roofline
         {
             return StreamingRead.BufferBytes;
         }
+        if (type == typeof(VocabStatsBenchmark))
+        {
+            return VocabStatsBenchmark.RowBytes((int)Parameter(benchmark, nameof(VocabStatsBenchmark.Vocabulary))!, (DType)Parameter(benchmark, nameof(VocabStatsBenchmark.DType))!);
+        }
         return 0;
     }
 
-    /// <summary>The case's Threads parameter; every core when it has none.</summary>
-    public static int Threads(BenchmarkCase benchmark) => Parameter(benchmark, "Threads") is int threads ? threads : Environment.ProcessorCount;
+    /// <summary>The case's Threads parameter; 1 for the vocab_stats twin (it runs on the calling thread); every core otherwise.</summary>
+    public static int Threads(BenchmarkCase benchmark) =>
+        Parameter(benchmark, "Threads") is int threads ? threads : benchmark.Descriptor.Type == typeof(VocabStatsBenchmark) ? 1 : Environment.ProcessorCount;
+
+    /// <summary>A case measured on the GPU: the CPU's read bandwidth is not its roofline.</summary>
+    public static bool OnGpu(BenchmarkCase benchmark) => Parameter(benchmark, "Device") is "cuda";
+
+    /// <summary>Mean time of the case over the mean 1-thread decode step of the embedded model in the same summary, or null.</summary>
+    public static double? ShareOfDecodeStep(Summary summary, BenchmarkCase benchmark)
+    {
+        if (benchmark.Descriptor.Type != typeof(VocabStatsBenchmark) || MeanNanoseconds(summary, benchmark) is not double ns)
+        {
+            return null;
+        }
+        foreach (var report in summary.Reports)
+        {
+            if (report.BenchmarkCase.Descriptor.Type == typeof(DecodeBenchmark) && Threads(report.BenchmarkCase) == 1
+                && MeanNanoseconds(summary, report.BenchmarkCase) is double decode)
+            {
+                return ns / decode;
+            }
+        }
+        return null;
+    }
 
     public static object? Parameter(BenchmarkCase benchmark, string name) =>
         benchmark.Parameters.Items.FirstOrDefault(parameter => parameter.Name == name)?.Value;
@@ -118,15 +144,17 @@ public static class Roofline
         new RooflineColumn("GBps", "GB/s", "Achieved bandwidth, 1e9 bytes/s: bytes an op streams (weights for decode/GEMV, the buffer for MemoryBandwidth) / mean time",
             (summary, benchmark) => GigabytesPerSecond(summary, benchmark) is double value ? value.ToString("N2", CultureInfo.InvariantCulture) : null),
         new RooflineColumn("PeakGBps", "Peak GB/s", "Measured streaming read bandwidth at the row's thread count: MemoryBandwidthBenchmark's fastest iteration in the same summary, else '(probe)': best of 5 passes of the same code in-process",
-            (summary, benchmark) => BytesPerOperation(benchmark) > 0 && MeanNanoseconds(summary, benchmark) is not null
+            (summary, benchmark) => BytesPerOperation(benchmark) > 0 && !OnGpu(benchmark) && MeanNanoseconds(summary, benchmark) is not null
                 ? Peak(summary, Threads(benchmark)) is var peak && peak.Source == PeakSource.Probe
                     ? peak.GigabytesPerSecond.ToString("N2", CultureInfo.InvariantCulture) + " (probe)"
                     : peak.GigabytesPerSecond.ToString("N2", CultureInfo.InvariantCulture)
                 : null),
         new RooflineColumn("PercentOfPeak", "% of peak", "GB/s as a percentage of Peak GB/s (above 100%: the working set is served from cache, not DRAM: the 10 MB embedded model fits in L3)",
-            (summary, benchmark) => GigabytesPerSecond(summary, benchmark) is double value
+            (summary, benchmark) => GigabytesPerSecond(summary, benchmark) is double value && !OnGpu(benchmark)
                 ? (100 * value / Peak(summary, Threads(benchmark)).GigabytesPerSecond).ToString("N0", CultureInfo.InvariantCulture) + "%"
                 : null),
+        new RooflineColumn("DecodeShare", "% of decode", "vocab_stats: mean time / the mean 1-thread decode step of the embedded model (DecodeBenchmark, same summary)",
+            (summary, benchmark) => ShareOfDecodeStep(summary, benchmark) is double share ? (100 * share).ToString("N2", CultureInfo.InvariantCulture) + "%" : null),
     ];
 }
 

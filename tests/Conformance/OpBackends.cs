@@ -500,7 +500,7 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         using var stats = statsBuffer.View("stats", DType.F32, 0, rows, fields);
         using var ids = idBuffer.View("top_ids", DType.I32, 0, rows, topK);
         using var logProbs = logProbBuffer.View("top_log_probs", DType.F32, 0, rows, topK);
-        CudaOps.VocabStats(device, logitTensor, tokenTensor, referenceTensor, vocabulary, topK, workspace, stats, ids, logProbs);
+        CudaOps.VocabStats(device, logitTensor, vocabulary, tokenTensor, referenceTensor, topK, workspace, stats, ids, logProbs);
         var statsValues = statsBuffer.Download<float>();
         var idValues = idBuffer.Download<int>();
         var logProbValues = logProbBuffer.Download<float>();

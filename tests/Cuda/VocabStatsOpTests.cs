@@ -139,25 +139,25 @@ public sealed class VocabStatsOpTests
         using var wrongStats = _device.Allocate("wrong_stats", DType.F32, 2, 8);
         using var ids = _device.Allocate("ids", DType.I32, 2, 4);
         using var logProbs = _device.Allocate("log_probs", DType.F32, 2, 4);
-        Assert.That(() => CudaOps.VocabStats(_device, halfLogits, null, null, 100, 0, bigWorkspace, stats, null, null),
+        Assert.That(() => CudaOps.VocabStats(_device, halfLogits, 100, null, null, 0, bigWorkspace, stats, null, null),
             Throws.ArgumentException.With.Message.Contains("'half_logits' is F16"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, null, null, 30, 0, bigWorkspace, stats, null, null),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 30, null, null, 0, bigWorkspace, stats, null, null),
             Throws.ArgumentException.With.Message.Contains("'logits' [2, 100] is not a whole number of rows of 30"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, tokens, null, 100, 0, bigWorkspace, stats, null, null),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 100, tokens, null, 0, bigWorkspace, stats, null, null),
             Throws.ArgumentException.With.Message.Contains("'tokens'"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, null, bf16Reference, 100, 0, bigWorkspace, stats, null, null),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 100, null, bf16Reference, 0, bigWorkspace, stats, null, null),
             Throws.ArgumentException.With.Message.Contains("'logits' (F32) and 'bf16_reference' (BF16)"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, null, null, 100, 0, bigWorkspace, wrongStats, null, null),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 100, null, null, 0, bigWorkspace, wrongStats, null, null),
             Throws.ArgumentException.With.Message.Contains("'wrong_stats'"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, null, null, 100, 17, bigWorkspace, stats, ids, logProbs),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 100, null, null, 17, bigWorkspace, stats, ids, logProbs),
             Throws.InstanceOf<ArgumentOutOfRangeException>().With.Message.Contains("top-k must be in 0..16"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, null, null, 100, 4, bigWorkspace, stats, null, null),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 100, null, null, 4, bigWorkspace, stats, null, null),
             Throws.ArgumentException.With.Message.Contains("top-4 needs"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, null, null, 100, 3, bigWorkspace, stats, ids, logProbs),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 100, null, null, 3, bigWorkspace, stats, ids, logProbs),
             Throws.ArgumentException.With.Message.Contains("'ids'"));
-        Assert.That(() => CudaOps.VocabStats(_device, logits, null, null, 100, 4, workspace, stats, ids, logProbs),
+        Assert.That(() => CudaOps.VocabStats(_device, logits, 100, null, null, 4, workspace, stats, ids, logProbs),
             Throws.ArgumentException.With.Message.Contains("workspace 'workspace' holds 16 bytes; [2, 100] needs 384"));
-        Assert.DoesNotThrow(() => CudaOps.VocabStats(_device, logits, null, null, 100, 4, bigWorkspace, stats, ids, logProbs));
+        Assert.DoesNotThrow(() => CudaOps.VocabStats(_device, logits, 100, null, null, 4, bigWorkspace, stats, ids, logProbs));
     }
 
     /// <summary>One launch through the op entry; the reference row may sit at a byte offset inside a larger buffer.</summary>
@@ -179,7 +179,7 @@ public sealed class VocabStatsOpTests
         using var stats = _device.Allocate("stats", DType.F32, rows, VocabStats.FieldCount);
         using var ids = _device.Allocate("top_ids", DType.I32, rows, topK);
         using var logProbs = _device.Allocate("top_log_probs", DType.F32, rows, topK);
-        CudaOps.VocabStats(_device, logitTensor, tokenTensor, referenceTensor, vocabulary, topK, workspace, stats, ids, logProbs);
+        CudaOps.VocabStats(_device, logitTensor, vocabulary, tokenTensor, referenceTensor, topK, workspace, stats, ids, logProbs);
         return (stats.Download<float>(), ids.Download<int>(), logProbs.Download<float>());
     }
 }

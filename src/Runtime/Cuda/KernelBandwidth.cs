@@ -99,10 +99,10 @@ public static class KernelBandwidth
                     long bytes = rowElements * dtype.SizeOf();
                     string shape = $"[{rows}, {vocabulary}]";
                     results.Add(new($"vocab_stats_{suffix} L2", shape, bytes, Best(device, launches, repeats,
-                        () => CudaOps.VocabStats(device, views[0], tokens, null, vocabulary, topK, workspace, stats, ids, logProbs))));
+                        () => CudaOps.VocabStats(device, views[0], vocabulary, tokens, null, topK, workspace, stats, ids, logProbs))));
                     int next = 0;
                     results.Add(new($"vocab_stats_{suffix} HBM", shape, bytes, Best(device, launches, repeats,
-                        () => CudaOps.VocabStats(device, views[next++ % copies], tokens, null, vocabulary, topK, workspace, stats, ids, logProbs))));
+                        () => CudaOps.VocabStats(device, views[next++ % copies], vocabulary, tokens, null, topK, workspace, stats, ids, logProbs))));
                 }
             }
         }

@@ -67,15 +67,15 @@ public static partial class CudaOps
 
     /// <summary>
     /// The fused reduction over rows of vocabulary logits (device twin of <see cref="Signals.VocabStats"/>; fields in
-    /// <see cref="Signals.VocabStatsField"/> order). Sources: <paramref name="logits"/> [rows, vocabulary] F32/BF16;
-    /// <paramref name="tokens"/> [rows] I32 or null (an id &lt; 0: no token for that row; an id &gt;= vocabulary, which
+    /// <see cref="Signals.VocabStatsField"/> order; arguments in the twin's order). Sources: <paramref name="logits"/>
+    /// [rows, vocabulary] F32/BF16; <paramref name="tokens"/> [rows] I32 or null (an id &lt; 0: no token for that row; an id &gt;= vocabulary, which
     /// cannot be checked here without synchronising, gives NaN token fields); <paramref name="reference"/> logits like
     /// <paramref name="logits"/> or null. <paramref name="workspace"/>: any tensor of at least
     /// <see cref="VocabStatsWorkspaceBytes"/> bytes (no initialisation needed; not shared with a launch running
     /// concurrently). Destinations: <paramref name="stats"/> [rows, 9] F32; <paramref name="topIds"/> [rows, topK] I32
     /// and <paramref name="topLogProbs"/> [rows, topK] F32 (may be null when topK is 0). Enqueues two kernels; never synchronises.
     /// </summary>
-    public static void VocabStats(CudaDevice device, DeviceTensor logits, DeviceTensor? tokens, DeviceTensor? reference, int vocabulary, int topK,
+    public static void VocabStats(CudaDevice device, DeviceTensor logits, int vocabulary, DeviceTensor? tokens, DeviceTensor? reference, int topK,
         DeviceTensor workspace, DeviceTensor stats, DeviceTensor? topIds, DeviceTensor? topLogProbs, nint stream = 0)
     {
         const string op = "vocab_stats";
