@@ -35,7 +35,7 @@ public static class Program
 
     internal sealed class DeviceOptions
     {
-        public Option<string> Device { get; } = new("--device") { Description = "auto | cpu", DefaultValueFactory = _ => "auto" };
+        public Option<string> Device { get; } = new("--device") { Description = "auto | cpu | cuda | cuda-emulated (auto: CUDA when a device exists)", DefaultValueFactory = _ => "auto" };
         public Option<int> Threads { get; } = new("--threads") { Description = "CPU threads (0 = one per core)", DefaultValueFactory = _ => 0 };
         public Option<int> ContextLength { get; } = new("--context-length") { Description = "KV cache capacity in tokens (0 = model's, capped at 4096)", DefaultValueFactory = _ => 0 };
 
@@ -174,7 +174,12 @@ public static class Program
             Row("parameters", language.Model.Files.SelectMany(f => f.Tensors).Sum(t => t.ElementCount).ToString("N0", CultureInfo.InvariantCulture));
             Row("weight bytes", FormatBytes(language.Model.WeightBytes));
             Row("bytes per decoded token", FormatBytes(language.Model.BytesPerDecodedToken));
-            Row("session memory", FormatBytes(language.SessionBytes) + " (KV cache + activations, allocated at load)");
+            Row("session memory", FormatBytes(language.SessionBytes) + (language.IsCuda ? " on the device (KV cache + activations + workspace, allocated at load)" : " (KV cache + activations, allocated at load)"));
+            if (language.IsCuda)
+            {
+                Row("device weights", FormatBytes(language.DeviceWeightBytes));
+                Row("device memory used", $"{FormatBytes(language.DeviceWeightBytes + language.SessionBytes)} of {FormatBytes(language.DeviceTotalBytes)} (weights + session)");
+            }
             Row("files", string.Join(", ", language.Model.Files.Select(f => Path.GetFileName(f.FilePath))));
             Row("device", language.DeviceName);
             var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors });

@@ -3,6 +3,9 @@ using KernelLM.Models.Llama;
 using KernelLM.Models.Scoring;
 using KernelLM.Models.Tokenization;
 using KernelLM.Runtime;
+using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Driver;
+using KernelLM.Runtime.Cuda.Emulator;
 using KernelLM.Runtime.Generation;
 
 namespace KernelLM.Models;
@@ -17,40 +20,71 @@ public sealed class LanguageModel : IDisposable
     private static long s_loads;
 
     private readonly SemaphoreSlim _gate = new(1, 1);
-    private readonly LlamaSession _session;
+    private readonly IDecoderSession _session;
+    private readonly CudaDevice? _cudaDevice;
+    private readonly CudaLlamaModel? _cudaModel;
     private readonly HfTokenizer _tokenizer;
     private bool _disposed;
 
-    private LanguageModel(LlamaModel model, HfTokenizer tokenizer)
+    private LanguageModel(LlamaModel model, HfTokenizer tokenizer, CudaDevice? cudaDevice, CudaLlamaModel? cudaModel)
     {
         Model = model;
         _tokenizer = tokenizer;
-        _session = model.CreateSession();
+        _cudaDevice = cudaDevice;
+        _cudaModel = cudaModel;
+        _session = cudaModel is null ? model.CreateSession() : cudaModel.CreateSession();
     }
 
     public LlamaModel Model { get; }
     public ModelConfig Config => Model.Config;
     public ITextTokenizer Tokenizer => _tokenizer;
     public string Directory => Model.Directory;
-    public string DeviceName => $"cpu ({Model.Device.ThreadCount} threads)";
+    public string DeviceName => _cudaDevice is null ? $"cpu ({Model.Device.ThreadCount} threads)" : _cudaDevice.Name;
 
-    /// <summary>Bytes of the sequence state (KV cache + activations) allocated at load.</summary>
-    public long SessionBytes => _session.ByteLength;
+    /// <summary>True when the model runs on a CUDA device (real or emulated).</summary>
+    public bool IsCuda => _cudaModel is not null;
+
+    /// <summary>Bytes of the sequence state (KV cache + activations, + workspace on a device) allocated at load.</summary>
+    public long SessionBytes => _session switch
+    {
+        LlamaSession cpu => cpu.ByteLength,
+        CudaLlamaSession cuda => cuda.ByteLength,
+        _ => 0,
+    };
+
+    /// <summary>Device bytes of the uploaded weights (0 on the CPU, where the weights stay in the memory map).</summary>
+    public long DeviceWeightBytes => _cudaModel?.WeightBytes ?? 0;
+
+    /// <summary>Total device memory of the CUDA device (0 on the CPU).</summary>
+    public long DeviceTotalBytes => _cudaDevice?.Backend.TotalMemoryBytes ?? 0;
 
     /// <summary>The embedded default model (tiny-stories) shipped next to the executable.</summary>
     public static string DefaultModelDirectory => Path.Combine(AppContext.BaseDirectory, "models", "tiny-stories");
 
     public static LanguageModel Load(string directory, ModelLoadOptions? options = null)
     {
-        var model = LlamaModel.Load(directory, options);
+        options ??= new ModelLoadOptions();
+        options.Validate();
+        string device = ResolveDevice(options.Device);
+        // The weights are uploaded from the memory map; prefetching them into RAM first would read them twice.
+        var model = LlamaModel.Load(directory, device == "cpu" ? options : options with { Prefetch = false });
         HfTokenizer? tokenizer = null;
+        CudaDevice? cudaDevice = null;
+        CudaLlamaModel? cudaModel = null;
         try
         {
             tokenizer = HfTokenizer.Load(directory, model.Config.BosTokenId, model.Config.EosTokenIds);
-            return new LanguageModel(model, tokenizer);
+            if (device != "cpu")
+            {
+                cudaDevice = new CudaDevice(device == "cuda" ? new DriverBackend() : new EmulatorBackend());
+                cudaModel = CudaLlamaModel.Upload(model, cudaDevice);
+            }
+            return new LanguageModel(model, tokenizer, cudaDevice, cudaModel);
         }
         catch
         {
+            cudaModel?.Dispose();
+            cudaDevice?.Dispose();
             tokenizer?.Dispose();
             model.Dispose();
             throw;
@@ -139,9 +173,23 @@ public sealed class LanguageModel : IDisposable
 
     internal long LoadOrder { get; } = Interlocked.Increment(ref s_loads);
 
-    internal readonly struct SessionLease(LlamaSession session, SemaphoreSlim gate) : IDisposable
+    /// <summary>cpu, cuda or cuda-emulated for an option value; auto is CUDA when the driver reports a usable device.</summary>
+    public static string ResolveDevice(string option) => option switch
     {
-        public LlamaSession Session { get; } = session;
+        "auto" => CudaDriverStatus.Current.Problem is null ? "cuda" : "cpu",
+        "cuda" => CheckDriver(),
+        _ => option,
+    };
+
+    private static string CheckDriver()
+    {
+        CudaDriverStatus.Current.ThrowIfNoDevice();
+        return "cuda";
+    }
+
+    internal readonly struct SessionLease(IDecoderSession session, SemaphoreSlim gate) : IDisposable
+    {
+        public IDecoderSession Session { get; } = session;
 
         public void Dispose() => gate.Release();
     }
@@ -154,6 +202,8 @@ public sealed class LanguageModel : IDisposable
         }
         _disposed = true;
         _session.Dispose();
+        _cudaModel?.Dispose();
+        _cudaDevice?.Dispose();
         _tokenizer.Dispose();
         Model.Dispose();
         _gate.Dispose();

@@ -111,4 +111,90 @@ public sealed class CudaSessionTests
             $"{what}: logit {worstIndex} cpu {expected[worstIndex]} cuda {actual[worstIndex]} (tolerance {tolerance:E2}, max |logit| {maxLogit:F2})");
         return worst;
     }
+
+    // ------------------------------------------------------------------ the embedded model's golden answers
+
+    public static IEnumerable<TestCaseData> GoldenPrompts()
+    {
+        using var golden = System.Text.Json.JsonDocument.Parse(File.ReadAllBytes(Path.Combine(TestPaths.TinyStories, "golden.json")));
+        foreach (var prompt in golden.RootElement.GetProperty("prompts").EnumerateArray())
+        {
+            string name = prompt.GetProperty("name").GetString()!;
+            yield return new TestCaseData(name, DType.F32).SetName($"golden_on_cuda_emulated({name}, activations=F32)");
+            yield return new TestCaseData(name, DType.BF16).SetName($"golden_on_cuda_emulated({name}, activations=BF16)");
+        }
+    }
+
+    /// <summary>
+    /// The embedded model's golden logits and greedy continuation (an independent fp32 implementation) on the
+    /// emulated device. With fp32 activations (bf16 weights widened on the device) the device must meet the CPU's
+    /// bounds: logits within 1e-4 and the greedy ids exactly, up to a near tie. With bf16 activations (the
+    /// checkpoint's dtype, how the engine runs it by default) the logits must stay within the derived bf16 bound,
+    /// and every greedy step whose golden top-1 / top-2 margin exceeds twice that bound must pick the golden id.
+    /// </summary>
+    [TestCaseSource(nameof(GoldenPrompts))]
+    public void Embedded_model_reproduces_its_golden_answers(string name, DType activations)
+    {
+        using var golden = System.Text.Json.JsonDocument.Parse(File.ReadAllBytes(Path.Combine(TestPaths.TinyStories, "golden.json")));
+        var prompt = golden.RootElement.GetProperty("prompts").EnumerateArray().Single(p => p.GetProperty("name").GetString() == name);
+        int[] ids = prompt.GetProperty("token_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+        var expected = prompt.GetProperty("last_logits").EnumerateArray().Select(e => e.GetDouble()).ToArray();
+        var greedy = prompt.GetProperty("greedy");
+        int[] greedyIds = greedy.GetProperty("ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+        double[] margins = greedy.GetProperty("top1_top2_logit_margin").EnumerateArray().Select(e => e.GetDouble()).ToArray();
+
+        using var model = LlamaModel.Load(TestPaths.TinyStories, new ModelLoadOptions { Threads = 1, ContextLength = 256 });
+        using var uploaded = CudaLlamaModel.Upload(model, _device, activations);
+        using var session = uploaded.CreateSession();
+        var logits = new float[model.Config.VocabularySize];
+        session.Forward(ids, logits);
+        double maxLogit = expected.Max(Math.Abs);
+        double tolerance = activations == DType.F32 ? 1e-4 : Tolerance(DType.BF16, model.Config.Layers, maxLogit);
+        double maxError = logits.Select((l, i) => Math.Abs(l - expected[i])).Max();
+        TestContext.Out.WriteLine($"{name}, {activations}: max |logit - golden| = {maxError:E3} (bound {tolerance:E2})");
+        Assert.That(maxError, Is.LessThanOrEqualTo(tolerance));
+
+        // Greedy: margins are of logits, each side within the bound, so a margin above twice it cannot flip.
+        double required = activations == DType.F32 ? 1e-3 : 2 * tolerance;
+        int compared = 0;
+        for (int step = 0; step < greedyIds.Length && step < 16; step++)
+        {
+            int token = System.Numerics.Tensors.TensorPrimitives.IndexOfMax(logits);
+            if (token != greedyIds[step])
+            {
+                // Only a step whose golden margin is within the bound may legitimately pick another token.
+                Assert.That(margins[step], Is.LessThan(required), $"greedy step {step}: {token} instead of {greedyIds[step]} (margin {margins[step]:F4})");
+                TestContext.Out.WriteLine($"{name}: diverged at step {step} (margin {margins[step]:F4} below {required:F4}) after {compared} equal steps");
+                break;
+            }
+            compared++;
+            session.Forward([token], logits);
+        }
+        TestContext.Out.WriteLine($"{name}, {activations}: {compared} greedy steps equal the golden ids");
+        if (activations == DType.F32)
+        {
+            Assert.That(compared, Is.GreaterThanOrEqualTo(10), "too few greedy steps compared to mean anything");
+        }
+    }
+
+    [Test]
+    public void Out_of_device_memory_is_a_typed_error_and_leaks_nothing()
+    {
+        SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32 });
+        using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 1, ContextLength = 256 });
+        // The synthetic model's weights are about 1.6 MB in fp32: a 1 MB device cannot hold them.
+        using var small = new CudaDevice(new EmulatorBackend(new EmulatorOptions { MemoryBytes = 1 << 20 }));
+        long before = DeviceMemoryCounters.LiveBytes;
+        var error = Assert.Throws<DeviceOutOfMemoryException>(() => CudaLlamaModel.Upload(model, small));
+        Assert.That(error!.Message, Does.Contain("out of device memory").And.Contain("'model.").And.Contain("bytes"));
+        Assert.That(DeviceMemoryCounters.LiveBytes, Is.EqualTo(before), "everything uploaded before the failure is freed");
+        // A session that does not fit: the 1.4 MB of weights fit a 2 MB device, the session's 128-token logits
+        // buffer (1 MB) on top of them does not.
+        using var medium = new CudaDevice(new EmulatorBackend(new EmulatorOptions { MemoryBytes = 2 << 20 }));
+        using var uploaded = CudaLlamaModel.Upload(model, medium);
+        long withWeights = DeviceMemoryCounters.LiveBytes;
+        var sessionError = Assert.Throws<DeviceOutOfMemoryException>(() => uploaded.CreateSession().Dispose());
+        Assert.That(sessionError!.Message, Does.Contain("out of device memory").And.Contain("of this session"));
+        Assert.That(DeviceMemoryCounters.LiveBytes, Is.EqualTo(withWeights), "the session's partial allocations are freed");
+    }
 }

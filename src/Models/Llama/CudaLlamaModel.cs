@@ -1,5 +1,6 @@
 using KernelLM.Runtime;
 using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Ops;
 
 namespace KernelLM.Models.Llama;
 
@@ -32,12 +33,12 @@ public sealed class CudaLlamaModel : IDisposable
 {
     private readonly List<DeviceTensor> _tensors = [];
 
-    private unsafe CudaLlamaModel(LlamaModel model, CudaDevice device)
+    private unsafe CudaLlamaModel(LlamaModel model, CudaDevice device, DType dtype)
     {
         Model = model;
         Device = device;
         var config = model.Config;
-        DType = model.Layers[0].Query.DType;
+        DType = dtype;
         try
         {
             Upload(model, config);
@@ -95,8 +96,12 @@ public sealed class CudaLlamaModel : IDisposable
     /// <summary>Device bytes of the weights.</summary>
     public long WeightBytes => _tensors.Sum(t => t.ByteLength);
 
-    /// <summary>Uploads <paramref name="model"/>'s weights to <paramref name="device"/> (which the result does not own).</summary>
-    public static CudaLlamaModel Upload(LlamaModel model, CudaDevice device)
+    /// <summary>
+    /// Uploads <paramref name="model"/>'s weights to <paramref name="device"/> (which the result does not own).
+    /// <paramref name="activations"/>: the device dtype of matrices and activations; null keeps the checkpoint's,
+    /// F32 widens bf16 / f16 matrices on the device at upload (twice the memory; fp32 activations, as the CPU).
+    /// </summary>
+    public static CudaLlamaModel Upload(LlamaModel model, CudaDevice device, DType? activations = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(device);
@@ -111,7 +116,11 @@ public sealed class CudaLlamaModel : IDisposable
                     $"{model.Directory}: tensor '{matrix.Name}' is {matrix.DType} but '{model.Layers[0].Query.Name}' is {dtype}; the CUDA device runs one dtype per model");
             }
         }
-        return new CudaLlamaModel(model, device);
+        if (activations is { } wanted && wanted != dtype && wanted != DType.F32)
+        {
+            throw new InvalidParameterException("device dtype", $"{wanted}: the device runs a model in its checkpoint dtype ({dtype}) or in F32");
+        }
+        return new CudaLlamaModel(model, device, activations ?? dtype);
     }
 
     private DeviceTensor Allocate(string name, DType dtype, params int[] shape)
@@ -124,14 +133,29 @@ public sealed class CudaLlamaModel : IDisposable
     /// <summary>Copies a matrix straight from the memory map (the page cache) in pieces of at most 256 MB.</summary>
     private unsafe DeviceTensor UploadMatrix(in WeightMatrix matrix)
     {
-        var tensor = Allocate(matrix.Name, matrix.DType, matrix.Rows, matrix.Cols);
+        if (matrix.DType == DType)
+        {
+            var tensor = Allocate(matrix.Name, matrix.DType, matrix.Rows, matrix.Cols);
+            Copy(tensor, matrix);
+            return tensor;
+        }
+        // Widened on the device: the checkpoint's bytes go up once into a staging tensor, then convert.
+        var widened = Allocate(matrix.Name, DType, matrix.Rows, matrix.Cols);
+        using var staging = DeviceMemory.Allocate(Device, matrix.Name + " (staging)", matrix.DType, [matrix.Rows, matrix.Cols], $"after {WeightBytes:N0} bytes of weights");
+        Copy(staging, matrix);
+        CudaOps.Convert(Device, staging, widened);
+        Device.Synchronize();
+        return widened;
+    }
+
+    private unsafe void Copy(DeviceTensor tensor, in WeightMatrix matrix)
+    {
         const long piece = 256L << 20;
         for (long offset = 0; offset < matrix.ByteLength; offset += piece)
         {
             int length = (int)Math.Min(piece, matrix.ByteLength - offset);
             Device.Backend.CopyHostToDevice(tensor.Address + (ulong)offset, new ReadOnlySpan<byte>(matrix.Data + offset, length), 0);
         }
-        return tensor;
     }
 
     private DeviceTensor UploadVector(string name, float[] values)

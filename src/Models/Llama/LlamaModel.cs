@@ -38,7 +38,7 @@ public sealed class LoadProgress
 /// <summary>Loader options.</summary>
 public sealed record ModelLoadOptions
 {
-    /// <summary>auto | cpu. (CUDA devices arrive with the CUDA engine.)</summary>
+    /// <summary>auto | cpu | cuda | cuda-emulated. auto picks CUDA when the driver reports a device, else the CPU.</summary>
     public string Device { get; init; } = "auto";
 
     /// <summary>CPU threads; 0 = one per core.</summary>
@@ -59,9 +59,9 @@ public sealed record ModelLoadOptions
 
     public void Validate()
     {
-        if (Device is not ("auto" or "cpu"))
+        if (Device is not ("auto" or "cpu" or "cuda" or "cuda-emulated"))
         {
-            throw new InvalidParameterException("device", $"'{Device}' (this build runs on: auto, cpu)");
+            throw new InvalidParameterException("device", $"'{Device}' (one of: auto, cpu, cuda, cuda-emulated)");
         }
         if (Threads < 0)
         {

@@ -1,5 +1,6 @@
 using KernelLM.Models.Llama;
 using KernelLM.Runtime;
+using KernelLM.Runtime.Generation;
 using KernelLM.Runtime.Signals;
 
 namespace KernelLM.Models.Scoring;
@@ -191,7 +192,7 @@ public sealed class Scorer : IDisposable
         return ScoreLeased(ids, modelFirst ? first.Session : second.Session, modelFirst ? second.Session : first.Session);
     }
 
-    private TextScore ScoreLeased(int[] ids, LlamaSession session, LlamaSession? referenceSession)
+    private TextScore ScoreLeased(int[] ids, IDecoderSession session, IDecoderSession? referenceSession)
     {
         int modelVocabulary = _model.Config.VocabularySize;
         int referenceVocabulary = _reference?.Config.VocabularySize ?? 0;
