@@ -76,6 +76,20 @@ public sealed class AttentionOpsTests
         layer.Dispose();
         Assert.That(whole.Address, Is.Not.Zero);
         Assert.That(() => whole.View("past the end", DType.BF16, 2 * layerBytes + 16, 2, 16, 64), Throws.ArgumentException.With.Message.Contains("past the end"));
-        Assert.That(() => whole.View("unaligned", DType.BF16, 2, 4), Throws.ArgumentException.With.Message.Contains("16-byte aligned"));
+        Assert.That(() => whole.View("unaligned", DType.BF16, 1, 4), Throws.ArgumentException.With.Message.Contains("does not lie aligned"));
+    }
+
+    [Test]
+    public void Attention_ops_refuse_a_tensor_that_is_not_16_byte_aligned()
+    {
+        using var buffer = _device.Allocate("k_buffer", DType.BF16, 1 * 3 * 2 * 64 + 8);
+        using var values = _device.Allocate("v", DType.BF16, 1, 3, 2, 64);
+        using var keyCache = _device.Allocate("k_cache", DType.BF16, 1, 2, 16, 64);
+        using var valueCache = _device.Allocate("v_cache", DType.BF16, 1, 2, 16, 64);
+        using var starts = _device.Allocate("starts", DType.I32, 1);
+        using var frequencies = _device.Allocate("inv_freq", DType.F32, 32);
+        var keys = buffer.View("k", DType.BF16, 2, 1, 3, 2, 64);
+        Assert.That(() => CudaOps.KvAppend(_device, keys, values, starts, frequencies, keyCache, valueCache),
+            Throws.ArgumentException.With.Message.Contains("'k'").And.Message.Contains("16-byte aligned"));
     }
 }

@@ -105,10 +105,10 @@ public sealed class DeviceTensor : IDisposable
         Shape = shape;
         ElementCount = CountElements(shape);
         ByteLength = ElementCount * dtype.SizeOf();
-        // 16-byte aligned: the kernels' vector loads rely on it.
-        if (byteOffset < 0 || byteOffset % 16 != 0 || byteOffset + ByteLength > parent.ByteLength)
+        // Aligned to the element size; ops whose kernels need more (the attention kernels' 16-byte loads) check it.
+        if (byteOffset < 0 || byteOffset % dtype.SizeOf() != 0 || byteOffset + ByteLength > parent.ByteLength)
         {
-            throw new ArgumentException($"view '{name}' {ShapeText} {dtype} at byte {byteOffset} does not lie 16-byte aligned inside tensor '{parent.Name}' {parent.ShapeText} {parent.DType} ({parent.ByteLength} bytes)");
+            throw new ArgumentException($"view '{name}' {ShapeText} {dtype} at byte {byteOffset} does not lie aligned inside tensor '{parent.Name}' {parent.ShapeText} {parent.DType} ({parent.ByteLength} bytes)");
         }
         Address = parent.Address + (ulong)byteOffset;
     }

@@ -300,6 +300,11 @@ public static partial class CudaOps
             string text = "[" + string.Join(", ", expected.Select(d => d < 0 ? "*" : d.ToString(System.Globalization.CultureInfo.InvariantCulture))) + "]";
             throw new ArgumentException($"{op}: tensor '{tensor.Name}' has shape {tensor.ShapeText}; expected {text}");
         }
+        // The attention kernels load rows 16 bytes at a time (views may start anywhere the dtype allows).
+        if (tensor.DType.IsSupported() && tensor.Address % 16 != 0)
+        {
+            throw new ArgumentException($"{op}: tensor '{tensor.Name}' {tensor.ShapeText} starts at a device address that is not 16-byte aligned (the kernel's vector loads need it)");
+        }
     }
 
     private static void RequireHeads(string op, DeviceTensor q, int heads, DeviceTensor keyCache, int kvHeads)
