@@ -1,5 +1,6 @@
 using KernelLM.Models;
 using KernelLM.Models.Llama;
+using KernelLM.Models.Scoring;
 using KernelLM.Runtime;
 using KernelLM.Runtime.Cuda;
 using KernelLM.Runtime.Cuda.Emulator;
@@ -196,5 +197,32 @@ public sealed class CudaSessionTests
         var sessionError = Assert.Throws<DeviceOutOfMemoryException>(() => uploaded.CreateSession().Dispose());
         Assert.That(sessionError!.Message, Does.Contain("out of device memory").And.Contain("of this session"));
         Assert.That(DeviceMemoryCounters.LiveBytes, Is.EqualTo(withWeights), "the session's partial allocations are freed");
+    }
+
+    /// <summary>Scoring a CUDA-loaded model reduces the logits on the device (IDeviceReduction); its numbers must
+    /// match the CPU's (an fp32 model: both sides in fp32, 1e-4 as in the golden tests).</summary>
+    [Test]
+    public void Scoring_on_the_device_matches_the_cpu()
+    {
+        SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 11 });
+        using var cpu = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cpu", Threads = 1, ContextLength = 64, PrefillChunk = 8 });
+        using var device = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cuda-emulated", ContextLength = 64, PrefillChunk = 8 });
+        Assert.That(device.IsCuda, Is.True);
+        int[] ids = [0, 17, 300, 1999, 45, 45, 1024, 7, 88, 1500, 2047, 3, 640, 99, 12, 150, 151, 152, 5, 42];
+        using var cpuScorer = new Scorer(cpu, topK: 4);
+        using var deviceScorer = new Scorer(device, topK: 4);
+        var expected = cpuScorer.Score(ids);
+        var actual = deviceScorer.Score(ids);
+        Assert.That(actual.Positions, Has.Count.EqualTo(expected.Positions.Count));
+        for (int i = 0; i < expected.Positions.Count; i++)
+        {
+            var e = expected.Positions[i];
+            var a = actual.Positions[i];
+            Assert.That(a.LogProbability, Is.EqualTo(e.LogProbability).Within(1e-4), $"position {e.Position} log-prob");
+            Assert.That(a.Entropy, Is.EqualTo(e.Entropy).Within(1e-4), $"position {e.Position} entropy");
+            Assert.That(a.Margin, Is.EqualTo(e.Margin).Within(1e-4), $"position {e.Position} margin");
+            Assert.That(a.Kurtosis, Is.EqualTo(e.Kurtosis).Within(1e-3 * (1 + Math.Abs(e.Kurtosis))), $"position {e.Position} kurtosis");
+            Assert.That(a.Top.Select(t => t.Id), Is.EqualTo(e.Top.Select(t => t.Id)), $"position {e.Position} top ids");
+        }
     }
 }

@@ -20,7 +20,7 @@ namespace KernelLM.Models.Llama;
 /// GEMM and the tiled prefill attention. The views a decode step uses are made once, so a decode step
 /// allocates nothing on the host or the device; logits are widened to fp32 on the device and copied back.
 /// </summary>
-public sealed class CudaLlamaSession : IDecoderSession
+public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
 {
     private readonly CudaLlamaModel _model;
     private readonly CudaDevice _device;
@@ -44,6 +44,11 @@ public sealed class CudaLlamaSession : IDecoderSession
     private readonly DeviceTensor _lengths;      // [1] i32: valid positions after the chunk
     private readonly DeviceTensor? _workspace;   // flash-decoding partials
     private readonly Views _decode;              // views for one token, made once
+    private readonly DeviceTensor? _targets;     // [chunk] i32: the next ids, for the reduction
+    private readonly DeviceTensor? _stats;       // [chunk, VocabStats.FieldCount] f32
+    private readonly DeviceTensor? _topIds;      // [chunk, MaxTopK] i32
+    private readonly DeviceTensor? _topLogProbs; // [chunk, MaxTopK] f32
+    private readonly DeviceTensor? _reduceWorkspace; // vocab_stats partials
     private int _length;
     private bool _disposed;
 
@@ -82,6 +87,20 @@ public sealed class CudaLlamaSession : IDecoderSession
             long workspace = CudaOps.AttentionDecodeWorkspaceElements(1, c.Heads, c.HeadDim, splits);
             _workspace = workspace > 0 ? Allocate("attn_workspace", DType.F32, checked((int)workspace)) : null;
             _decode = new Views(this, 1);
+            if (dtype is DType.F32 or DType.BF16)
+            {
+                const int maxTopK = KernelLM.Runtime.Signals.VocabStats.MaxTopK;
+                _targets = Allocate("targets", DType.I32, _chunk);
+                _stats = Allocate("stats", DType.F32, _chunk, KernelLM.Runtime.Signals.VocabStats.FieldCount);
+                _topIds = Allocate("top_ids", DType.I32, _chunk, maxTopK);
+                _topLogProbs = Allocate("top_log_probs", DType.F32, _chunk, maxTopK);
+                long bytes = 0;
+                for (int rows = 1; rows <= _chunk; rows++)
+                {
+                    bytes = Math.Max(bytes, CudaOps.VocabStatsWorkspaceBytes(rows, c.VocabularySize));
+                }
+                _reduceWorkspace = Allocate("vocab_stats_workspace", DType.I32, checked((int)((bytes + 3) / 4)));
+            }
         }
         catch
         {
@@ -202,6 +221,62 @@ public sealed class CudaLlamaSession : IDecoderSession
             else if (start + count == tokens.Length)
             {
                 Head(views, allRows: false, logits[..vocabulary]);
+            }
+        }
+    }
+
+    public bool CanReduce => _stats is not null;
+
+    public void ForwardReduce(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int topK, Span<float> stats, Span<int> topIds, Span<float> topLogProbs)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (!CanReduce)
+        {
+            throw new InvalidOperationException($"the device reduction needs f32 or bf16 logits; this model runs in {_model.DType}");
+        }
+        var config = _model.Config;
+        int vocabulary = config.VocabularySize;
+        int fields = KernelLM.Runtime.Signals.VocabStats.FieldCount;
+        if (targets.Length != tokens.Length || stats.Length < tokens.Length * fields
+            || topIds.Length < tokens.Length * topK || topLogProbs.Length < tokens.Length * topK)
+        {
+            throw new ArgumentException($"reduce: {tokens.Length} tokens need {tokens.Length} targets, stats [{tokens.Length}, {fields}] and top [{tokens.Length}, {topK}]");
+        }
+        if ((uint)topK > KernelLM.Runtime.Signals.VocabStats.MaxTopK)
+        {
+            throw new ArgumentOutOfRangeException(nameof(topK), topK, $"top-k must be in 0..{KernelLM.Runtime.Signals.VocabStats.MaxTopK}");
+        }
+        if (_length + tokens.Length > Capacity)
+        {
+            throw new ContextLengthException(
+                $"{_length} tokens in the context plus {tokens.Length} new ones exceed its capacity of {Capacity} tokens");
+        }
+        foreach (int token in tokens)
+        {
+            if ((uint)token >= (uint)vocabulary)
+            {
+                throw new InvalidParameterException("token", $"id {token} is outside the vocabulary of {vocabulary}");
+            }
+        }
+        for (int start = 0; start < tokens.Length; start += _chunk)
+        {
+            int count = Math.Min(_chunk, tokens.Length - start);
+            var views = count == 1 ? _decode : new Views(this, count);
+            ForwardChunk(tokens.Slice(start, count), views);
+            CudaOps.RmsNorm(_device, views.X, _model.FinalNorm, (float)config.RmsNormEpsilon, views.Norm);
+            CudaOps.Linear(_device, _model.LmHead, views.Norm, views.Logits);
+            var targetView = _targets!.View("targets", DType.I32, 0, count);
+            targetView.Upload(targets.Slice(start, count));
+            var statsView = _stats!.View("stats", DType.F32, 0, count, fields);
+            var idsView = topK > 0 ? _topIds!.View("top_ids", DType.I32, 0, count, topK) : null;
+            var logProbsView = topK > 0 ? _topLogProbs!.View("top_log_probs", DType.F32, 0, count, topK) : null;
+            CudaOps.VocabStats(_device, views.Logits, vocabulary, targetView, null, topK, _reduceWorkspace!, statsView, idsView, logProbsView);
+            // Only the reduced numbers come back.
+            statsView.Download(stats.Slice(start * fields, count * fields));
+            if (topK > 0)
+            {
+                idsView!.Download(topIds.Slice(start * topK, count * topK));
+                logProbsView!.Download(topLogProbs.Slice(start * topK, count * topK));
             }
         }
     }

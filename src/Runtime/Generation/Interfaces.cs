@@ -25,6 +25,23 @@ public interface IDecoderSession : IDisposable
     void Forward(ReadOnlySpan<int> tokens, Span<float> logits, bool allPositions = false);
 }
 
+/// <summary>
+/// A session on a device that can reduce its own logits where they are (the fused vocabulary reduction,
+/// docs/token-signals.md), so that teacher-forced scoring copies back only the reduced numbers.
+/// </summary>
+public interface IDeviceReduction
+{
+    /// <summary>Whether <see cref="ForwardReduce"/> is available (e.g. not for f16 logits).</summary>
+    bool CanReduce { get; }
+
+    /// <summary>
+    /// Runs <paramref name="tokens"/> like <see cref="IDecoderSession.Forward"/> with every position's logits, then
+    /// reduces row t against <paramref name="targets"/>[t] on the device: stats [tokens, VocabStats.FieldCount],
+    /// top ids / log-probs [tokens, topK]. The logits never leave the device.
+    /// </summary>
+    void ForwardReduce(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int topK, Span<float> stats, Span<int> topIds, Span<float> topLogProbs);
+}
+
 /// <summary>Text to token ids and back, as the model's tokenizer files say.</summary>
 public interface ITextTokenizer
 {
