@@ -121,7 +121,9 @@ __device__ __forceinline__ float klm_nan() { return __int_as_float(0x7fc00000); 
 
 // ------------------------------------------------------------------ reductions
 
-__device__ __forceinline__ float warp_reduce_sum(float value) {
+// Templates over the value type (float; double where a sum must not depend on the order, e.g. sampling).
+template <typename V>
+__device__ __forceinline__ V warp_reduce_sum(V value) {
     for (int offset = KLM_WARP_SIZE / 2; offset > 0; offset >>= 1) {
         value += __shfl_xor_sync(KLM_FULL_MASK, value, offset);
     }
@@ -137,7 +139,8 @@ __device__ __forceinline__ float warp_reduce_max(float value) {
 
 // Sum over the whole block; every thread gets the result. scratch: at least 32 floats of shared memory.
 // blockDim.x must be a multiple of 32. Ends with a barrier, so scratch can be reused right after.
-__device__ __forceinline__ float block_reduce_sum(float value, float* scratch) {
+template <typename V>
+__device__ __forceinline__ V block_reduce_sum(V value, V* scratch) {
     int lane = threadIdx.x % KLM_WARP_SIZE;
     int warp = threadIdx.x / KLM_WARP_SIZE;
     int warps = blockDim.x / KLM_WARP_SIZE;
@@ -146,7 +149,7 @@ __device__ __forceinline__ float block_reduce_sum(float value, float* scratch) {
         scratch[warp] = value;
     }
     __syncthreads();
-    value = lane < warps ? scratch[lane] : 0.0f;
+    value = lane < warps ? scratch[lane] : (V)0;
     value = warp_reduce_sum(value);
     __syncthreads();
     return value;

@@ -188,27 +188,8 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
         ObjectDisposedException.ThrowIf(_disposed, this);
         var config = _model.Config;
         int vocabulary = config.VocabularySize;
-        if (tokens.IsEmpty)
-        {
-            throw new ArgumentException("forward needs at least one token", nameof(tokens));
-        }
-        if (_length + tokens.Length > Capacity)
-        {
-            throw new ContextLengthException(
-                $"{_length} tokens in the context plus {tokens.Length} new ones exceed its capacity of {Capacity} tokens");
-        }
-        long needed = allPositions ? (long)tokens.Length * vocabulary : vocabulary;
-        if (logits.Length < needed)
-        {
-            throw new ArgumentException($"logits must hold {needed} values ({(allPositions ? tokens.Length : 1)} x vocabulary {vocabulary})", nameof(logits));
-        }
-        foreach (int token in tokens)
-        {
-            if ((uint)token >= (uint)vocabulary)
-            {
-                throw new InvalidParameterException("token", $"id {token} is outside the vocabulary of {vocabulary}");
-            }
-        }
+        DecoderChecks.Tokens(tokens, _length, Capacity, vocabulary);
+        DecoderChecks.Logits(logits.Length, tokens.Length, vocabulary, allPositions);
         for (int start = 0; start < tokens.Length; start += _chunk)
         {
             int count = Math.Min(_chunk, tokens.Length - start);
@@ -246,18 +227,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
         {
             throw new ArgumentOutOfRangeException(nameof(topK), topK, $"top-k must be in 0..{KernelLM.Runtime.Signals.VocabStats.MaxTopK}");
         }
-        if (_length + tokens.Length > Capacity)
-        {
-            throw new ContextLengthException(
-                $"{_length} tokens in the context plus {tokens.Length} new ones exceed its capacity of {Capacity} tokens");
-        }
-        foreach (int token in tokens)
-        {
-            if ((uint)token >= (uint)vocabulary)
-            {
-                throw new InvalidParameterException("token", $"id {token} is outside the vocabulary of {vocabulary}");
-            }
-        }
+        DecoderChecks.Tokens(tokens, _length, Capacity, vocabulary);
         for (int start = 0; start < tokens.Length; start += _chunk)
         {
             int count = Math.Min(_chunk, tokens.Length - start);

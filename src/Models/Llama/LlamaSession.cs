@@ -82,27 +82,8 @@ public sealed class LlamaSession : IDecoderSession
     {
         var config = _model.Config;
         int vocabulary = config.VocabularySize;
-        if (tokens.IsEmpty)
-        {
-            throw new ArgumentException("forward needs at least one token", nameof(tokens));
-        }
-        if (Length + tokens.Length > Capacity)
-        {
-            throw new ContextLengthException(
-                $"{Length} tokens in the context plus {tokens.Length} new ones exceed its capacity of {Capacity} tokens");
-        }
-        long needed = allPositions ? (long)tokens.Length * vocabulary : vocabulary;
-        if (logits.Length < needed)
-        {
-            throw new ArgumentException($"logits must hold {needed} values ({(allPositions ? tokens.Length : 1)} x vocabulary {vocabulary})", nameof(logits));
-        }
-        foreach (int token in tokens)
-        {
-            if ((uint)token >= (uint)vocabulary)
-            {
-                throw new InvalidParameterException("token", $"id {token} is outside the vocabulary of {vocabulary}");
-            }
-        }
+        DecoderChecks.Tokens(tokens, Length, Capacity, vocabulary);
+        DecoderChecks.Logits(logits.Length, tokens.Length, vocabulary, allPositions);
 
         int hidden = config.HiddenSize;
         int last = 0;

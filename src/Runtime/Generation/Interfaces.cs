@@ -53,3 +53,39 @@ public interface ITextTokenizer
 
     IReadOnlyList<int> EosTokenIds { get; }
 }
+
+/// <summary>The argument checks every decoder session's Forward makes, in one place.</summary>
+public static class DecoderChecks
+{
+    /// <summary>Throws unless <paramref name="tokens"/> is non-empty, fits after <paramref name="length"/> tokens
+    /// in <paramref name="capacity"/>, and every id is inside <paramref name="vocabulary"/>.</summary>
+    public static void Tokens(ReadOnlySpan<int> tokens, int length, int capacity, int vocabulary)
+    {
+        if (tokens.IsEmpty)
+        {
+            throw new ArgumentException("forward needs at least one token", nameof(tokens));
+        }
+        if (length + tokens.Length > capacity)
+        {
+            throw new ContextLengthException(
+                $"{length} tokens in the context plus {tokens.Length} new ones exceed its capacity of {capacity} tokens");
+        }
+        foreach (int token in tokens)
+        {
+            if ((uint)token >= (uint)vocabulary)
+            {
+                throw new InvalidParameterException("token", $"id {token} is outside the vocabulary of {vocabulary}");
+            }
+        }
+    }
+
+    /// <summary>Throws unless <paramref name="logitCount"/> holds the last row, or every row when <paramref name="allPositions"/>.</summary>
+    public static void Logits(int logitCount, int tokens, int vocabulary, bool allPositions)
+    {
+        long needed = allPositions ? (long)tokens * vocabulary : vocabulary;
+        if (logitCount < needed)
+        {
+            throw new ArgumentException($"logits must hold {needed} values ({(allPositions ? tokens : 1)} x vocabulary {vocabulary})", nameof(logitCount));
+        }
+    }
+}
