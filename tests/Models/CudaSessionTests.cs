@@ -225,4 +225,46 @@ public sealed class CudaSessionTests
             Assert.That(a.Top.Select(t => t.Id), Is.EqualTo(e.Top.Select(t => t.Id)), $"position {e.Position} top ids");
         }
     }
+
+    /// <summary>
+    /// Generation on the device (IDeviceSampler: sampling, the repetition penalty and the signals run there; a step
+    /// copies back the id and its numbers): greedy, with and without the penalty, must produce the CPU's tokens,
+    /// log-probs and top alternatives on an fp32 model; seeded sampling repeats itself and depends on the seed.
+    /// </summary>
+    [Test]
+    public void Generation_on_the_device_matches_the_cpu_and_repeats_with_a_seed()
+    {
+        SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 12 });
+        using var cpu = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cpu", Threads = 1, ContextLength = 64, PrefillChunk = 8 });
+        using var device = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cuda-emulated", ContextLength = 64, PrefillChunk = 8 });
+        const string prompt = "Once upon a time there was";
+        foreach (float penalty in new[] { 1f, 1.5f })
+        {
+            var options = new KernelLM.Runtime.Generation.GenerationOptions
+            {
+                MaxNewTokens = 10,
+                StopOnEos = false,
+                Sampling = new KernelLM.Runtime.Sampling.SamplingOptions { Temperature = 0, RepetitionPenalty = penalty },
+                Signals = new KernelLM.Runtime.Signals.TokenSignalOptions { TopK = 3 },
+            };
+            var expected = cpu.Generate(prompt, options).Where(t => t.Id >= 0).ToList();
+            var actual = device.Generate(prompt, options).Where(t => t.Id >= 0).ToList();
+            Assert.That(actual.Select(t => t.Id), Is.EqualTo(expected.Select(t => t.Id)), $"greedy ids, penalty {penalty}");
+            for (int i = 0; i < expected.Count; i++)
+            {
+                Assert.That(actual[i].LogProbability, Is.EqualTo(expected[i].LogProbability).Within(1e-4), $"log-prob of token {i}, penalty {penalty}");
+                Assert.That(actual[i].Signals!.Entropy, Is.EqualTo(expected[i].Signals!.Entropy).Within(1e-4), $"entropy of token {i}");
+                Assert.That(actual[i].Signals!.Top.Select(t => t.Id), Is.EqualTo(expected[i].Signals!.Top.Select(t => t.Id)), $"alternatives of token {i}");
+            }
+        }
+        List<int> Sampled(int seed) => device.Generate(prompt, new KernelLM.Runtime.Generation.GenerationOptions
+        {
+            MaxNewTokens = 12,
+            StopOnEos = false,
+            Sampling = new KernelLM.Runtime.Sampling.SamplingOptions { Temperature = 1.5f, TopK = 0, TopP = 1, MinP = 0, Seed = seed },
+        }).Where(t => t.Id >= 0).Select(t => t.Id).ToList();
+        var first = Sampled(7);
+        Assert.That(Sampled(7), Is.EqualTo(first), "same seed, same tokens");
+        Assert.That(Sampled(8), Is.Not.EqualTo(first), "another seed, other tokens");
+    }
 }

@@ -20,7 +20,7 @@ namespace KernelLM.Models.Llama;
 /// GEMM and the tiled prefill attention. The views a decode step uses are made once, so a decode step
 /// allocates nothing on the host or the device; logits are widened to fp32 on the device and copied back.
 /// </summary>
-public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
+public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDeviceSampler
 {
     private readonly CudaLlamaModel _model;
     private readonly CudaDevice _device;
@@ -49,6 +49,15 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
     private readonly DeviceTensor? _topIds;      // [chunk, MaxTopK] i32
     private readonly DeviceTensor? _topLogProbs; // [chunk, MaxTopK] f32
     private readonly DeviceTensor? _reduceWorkspace; // vocab_stats partials
+    private readonly DeviceTensor? _history;     // [1, capacity] i32: every token fed (the repetition penalty's history)
+    private readonly DeviceTensor? _historyLength; // [1] i32
+    private readonly DeviceTensor? _flags;       // [1, vocab] i32 zeroed scratch of the repetition penalty
+    private readonly DeviceTensor? _penalized;   // [1, vocab] model dtype: the last logits after the penalty
+    private readonly DeviceTensor? _sampled;     // [1] i32: the chosen token
+    private readonly DeviceTensor? _counters;    // [1] u64: draws since Reset
+    private readonly DeviceTensor?[] _rowTopIds = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
+    private readonly DeviceTensor?[] _rowTopLogProbs = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
+    private DeviceTensor? _rowStats;
     private int _length;
     private bool _disposed;
 
@@ -100,6 +109,14 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
                     bytes = Math.Max(bytes, CudaOps.VocabStatsWorkspaceBytes(rows, c.VocabularySize));
                 }
                 _reduceWorkspace = Allocate("vocab_stats_workspace", DType.I32, checked((int)((bytes + 3) / 4)));
+                _history = Allocate("history", DType.I32, 1, capacity);
+                _historyLength = Allocate("history_length", DType.I32, 1);
+                _flags = Allocate("penalty_flags", DType.I32, 1, c.VocabularySize);
+                _flags.Upload<int>(new int[c.VocabularySize]);
+                _penalized = Allocate("penalized_logits", dtype, 1, c.VocabularySize);
+                _sampled = Allocate("sampled", DType.I32, 1);
+                _counters = Allocate("draw_counters", DType.U64, 1);
+                _rowStats = _stats.View("stats", DType.F32, 0, 1, KernelLM.Runtime.Signals.VocabStats.FieldCount);
             }
         }
         catch
@@ -119,7 +136,15 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
     /// <summary>Device bytes of the KV cache alone.</summary>
     public long KvCacheBytes => _keyCache.Sum(t => t.ByteLength) + _valueCache.Sum(t => t.ByteLength);
 
-    public void Reset() => _length = 0;
+    public void Reset()
+    {
+        _length = 0;
+        if (_counters is not null)
+        {
+            Span<ulong> zero = [0UL];
+            _counters.Upload<ulong>(zero);
+        }
+    }
 
     private DeviceTensor Allocate(string name, DType dtype, params int[] shape)
     {
@@ -251,6 +276,74 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
         }
     }
 
+    public bool CanSample => _sampled is not null;
+
+    public int ForwardSample(ReadOnlySpan<int> feed, KernelLM.Runtime.Sampling.SamplingOptions options, ulong seed, int topK, Span<float> stats,
+        Span<int> topIds, Span<float> topLogProbs)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentNullException.ThrowIfNull(options);
+        if (!CanSample)
+        {
+            throw new InvalidOperationException($"sampling on the device needs f32 or bf16 logits; this model runs in {_model.DType}");
+        }
+        options.Validate();
+        var config = _model.Config;
+        int vocabulary = config.VocabularySize;
+        int fields = KernelLM.Runtime.Signals.VocabStats.FieldCount;
+        if ((uint)topK > KernelLM.Runtime.Signals.VocabStats.MaxTopK || stats.Length < fields || topIds.Length < topK || topLogProbs.Length < topK)
+        {
+            throw new ArgumentException($"sample: stats need {fields} values and top-{topK} (0..{KernelLM.Runtime.Signals.VocabStats.MaxTopK}) ids and log-probs");
+        }
+        DecoderChecks.Tokens(feed, _length, Capacity, vocabulary);
+        Views views = _decode;
+        for (int start = 0; start < feed.Length; start += _chunk)
+        {
+            int count = Math.Min(_chunk, feed.Length - start);
+            views = count == 1 ? _decode : new Views(this, count);
+            ForwardChunk(feed.Slice(start, count), views);
+        }
+        LastRowLogits(views);
+
+        // The history the penalty reads: every token fed so far, on the device.
+        int first = _length - feed.Length;
+        _device.Backend.CopyHostToDevice(_history!.Address + (ulong)first * sizeof(int), System.Runtime.InteropServices.MemoryMarshal.AsBytes(feed), 0);
+        Span<int> length = [_length];
+        _historyLength!.Upload<int>(length);
+
+        var logits = _decode.LastLogits;
+        var source = logits;
+        if (options.RepetitionPenalty != 1f)
+        {
+            _device.Backend.CopyDeviceToDevice(_penalized!.Address, logits.Address, logits.ByteLength, 0);
+            CudaOps.RepetitionPenalty(_device, _penalized, vocabulary, _history, _historyLength, options.RepetitionPenalty, _flags!);
+            source = _penalized;
+        }
+        CudaOps.Sample(_device, source, vocabulary, options, _sampled!, uniforms: null, _counters, seed);
+        // The numbers of the raw distribution (before penalty and temperature) for the chosen id.
+        var rowIds = topK > 0 ? _rowTopIds[topK] ??= _topIds!.View("top_ids", DType.I32, 0, 1, topK) : null;
+        var rowLogProbs = topK > 0 ? _rowTopLogProbs[topK] ??= _topLogProbs!.View("top_log_probs", DType.F32, 0, 1, topK) : null;
+        CudaOps.VocabStats(_device, logits, vocabulary, _sampled, null, topK, _reduceWorkspace!, _rowStats!, rowIds, rowLogProbs);
+        Span<int> chosen = [0];
+        _sampled!.Download(chosen);
+        _rowStats!.Download(stats[..fields]);
+        if (topK > 0)
+        {
+            rowIds!.Download(topIds[..topK]);
+            rowLogProbs!.Download(topLogProbs[..topK]);
+        }
+        return chosen[0];
+    }
+
+    /// <summary>The last position's logits into <c>_logits</c>' first row (the model dtype), on the device.</summary>
+    private void LastRowLogits(Views views)
+    {
+        var config = _model.Config;
+        var last = views.Tokens == 1 ? views.X : _x.View("x", _model.DType, (long)(views.Tokens - 1) * config.HiddenSize * _model.DType.SizeOf(), 1, config.HiddenSize);
+        CudaOps.RmsNorm(_device, last, _model.FinalNorm, (float)config.RmsNormEpsilon, views.LastNorm);
+        CudaOps.Linear(_device, _model.LmHead, views.LastNorm, views.LastLogits);
+    }
+
     private void Head(Views views, bool allRows, Span<float> destination)
     {
         var config = _model.Config;
@@ -263,9 +356,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction
         }
         else
         {
-            var last = views.Tokens == 1 ? views.X : _x.View("x", _model.DType, (long)(views.Tokens - 1) * config.HiddenSize * _model.DType.SizeOf(), 1, config.HiddenSize);
-            CudaOps.RmsNorm(_device, last, _model.FinalNorm, epsilon, views.LastNorm);
-            CudaOps.Linear(_device, _model.LmHead, views.LastNorm, views.LastLogits);
+            LastRowLogits(views);
             Download(views.LastLogits, views.LastLogitsF32, destination);
         }
     }

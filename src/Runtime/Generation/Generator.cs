@@ -123,16 +123,39 @@ public static class Generator
             stats.TrackUncertainty();
         }
 
+        // On a device that samples, a step copies back the token and its numbers only (IDeviceSampler).
+        var device = session as IDeviceSampler;
+        bool onDevice = device is { CanSample: true };
+        ulong deviceSeed = options.Sampling.Seed is int fixedSeed ? (ulong)(uint)fixedSeed : (ulong)Random.Shared.NextInt64();
+        var deviceStats = onDevice ? new float[VocabStats.FieldCount] : [];
+        var deviceTopIds = onDevice ? new int[topK] : [];
+        var deviceTopLogProbs = onDevice ? new float[topK] : [];
+        var single = new int[1];
+        int token = 0;
+        float logProbability = 0;
+
+        // Runs the fed tokens and decides the next one (its log-prob under the raw distribution).
+        void Advance(int[] feed)
+        {
+            if (onDevice)
+            {
+                token = device!.ForwardSample(feed, options.Sampling, deviceSeed, topK, deviceStats, deviceTopIds, deviceTopLogProbs);
+                logProbability = deviceStats[(int)VocabStatsField.TokenLogProb];
+                return;
+            }
+            session.Forward(feed, logits);
+            token = NextToken(sampler, logits, options.Sampling, history.AsSpan(0, length), random, out logProbability);
+        }
+
         session.Reset();
         var clock = Stopwatch.StartNew();
-        session.Forward(prompt, logits);
+        Advance(prompt);
         stats.PrefillTime = clock.Elapsed;
         clock.Restart();
 
         while (true)
         {
             cancellation.ThrowIfCancellationRequested();
-            int token = NextToken(sampler, logits, options.Sampling, history.AsSpan(0, length), random, out float logProbability);
             stats.GeneratedTokens++;
             if (options.StopOnEos && Contains(eos, token))
             {
@@ -144,9 +167,16 @@ public static class Generator
             TokenSignals? signals = null;
             if (rowStats is not null)
             {
-                // The same raw distribution the log-prob above describes, in one fused pass.
-                VocabStats.ReduceRow(logits, token, [], topK, rowStats, topIds, topLogProbs);
-                signals = TokenSignals.FromStats(token, rowStats, topIds, topLogProbs);
+                if (onDevice)
+                {
+                    signals = TokenSignals.FromStats(token, deviceStats, deviceTopIds, deviceTopLogProbs);
+                }
+                else
+                {
+                    // The same raw distribution the log-prob above describes, in one fused pass.
+                    VocabStats.ReduceRow(logits, token, [], topK, rowStats, topIds, topLogProbs);
+                    signals = TokenSignals.FromStats(token, rowStats, topIds, topLogProbs);
+                }
                 stats.Add(signals);
             }
             yield return new GeneratedToken(token, text, logProbability, signals);
@@ -165,7 +195,8 @@ public static class Generator
                 stats.FinishReason = FinishReason.ContextFull;
                 break;
             }
-            session.Forward([token], logits);
+            single[0] = token;
+            Advance(single);
             stats.DecodeTime = clock.Elapsed;
         }
         stats.DecodeTime = clock.Elapsed;

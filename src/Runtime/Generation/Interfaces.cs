@@ -42,6 +42,25 @@ public interface IDeviceReduction
     void ForwardReduce(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int topK, Span<float> stats, Span<int> topIds, Span<float> topLogProbs);
 }
 
+/// <summary>
+/// A session that chooses the next token on its device, so that a decode step copies back only the token id and
+/// the reduced numbers of its distribution (docs/token-signals.md), never the logits.
+/// </summary>
+public interface IDeviceSampler
+{
+    /// <summary>Whether <see cref="ForwardSample"/> is available (e.g. not for f16 logits).</summary>
+    bool CanSample { get; }
+
+    /// <summary>
+    /// Runs <paramref name="feed"/> (and adds it to the device's token history for the repetition penalty), chooses
+    /// the next token from the last position's logits with <paramref name="options"/> on the device (the draw:
+    /// splitmix64 of <paramref name="seed"/> and the step, counted since <see cref="IDecoderSession.Reset"/>), and
+    /// reduces the raw logits against the chosen id: stats [VocabStats.FieldCount], top ids / log-probs [topK].
+    /// </summary>
+    int ForwardSample(ReadOnlySpan<int> feed, Sampling.SamplingOptions options, ulong seed, int topK, Span<float> stats, Span<int> topIds,
+        Span<float> topLogProbs);
+}
+
 /// <summary>Text to token ids and back, as the model's tokenizer files say.</summary>
 public interface ITextTokenizer
 {
