@@ -1,5 +1,9 @@
 using System.Text.Json;
+using KernelLM.Models;
+using KernelLM.Models.Llama;
+using KernelLM.Runtime;
 using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Ops;
 using KernelLM.Runtime.Cuda.Driver;
 using KernelLM.Runtime.Cuda.Emulator;
 using KernelLM.Tests.Cuda;
@@ -25,10 +29,122 @@ public sealed class DeviceReportTests
     private const long Llama1BDecodeBytes = 1_235_814_400L * 2;
     private const long Llama8BDecodeBytes = (8_030_261_248L - 525_336_576L) * 2;
 
-    public static void Write(string directory, CudaDevice device, int elements, long copyBytes)
+    /// <summary>A model shape the report runs end to end (random bf16 weights generated on the device).</summary>
+    public sealed record ModelShape(string Name, ModelConfig Config, int PromptTokens, int DecodeSteps, double TargetTokensPerSecond);
+
+    private static ModelConfig Shape(int vocabulary, int hidden, int intermediate, int layers, int heads, int kvHeads, int headDim, bool tied) => new()
+    {
+        Architecture = Architecture.Llama,
+        ArchitectureName = "LlamaForCausalLM",
+        VocabularySize = vocabulary,
+        HiddenSize = hidden,
+        IntermediateSize = intermediate,
+        Layers = layers,
+        Heads = heads,
+        KvHeads = kvHeads,
+        HeadDim = headDim,
+        RmsNormEpsilon = 1e-5,
+        RopeTheta = 500000,
+        MaxPositionEmbeddings = 131072,
+        TieWordEmbeddings = tied,
+        QkvBias = false,
+        OutputBias = false,
+        SlidingWindow = 0,
+        EosTokenIds = [1],
+    };
+
+    /// <summary>Llama-3.2-1B and Llama-3.1-8B shapes, with the H200 targets of the CUDA engine issue.</summary>
+    public static IReadOnlyList<ModelShape> GpuShapes { get; } =
+    [
+        new("llama-3.2-1b", Shape(128256, 2048, 8192, 16, 32, 8, 64, tied: true), PromptTokens: 512, DecodeSteps: 64, TargetTokensPerSecond: 1400),
+        new("llama-3.1-8b", Shape(128256, 4096, 14336, 32, 32, 8, 128, tied: false), PromptTokens: 512, DecodeSteps: 32, TargetTokensPerSecond: 245),
+    ];
+
+    /// <summary>A tiny shape that exercises the same path on the emulated device.</summary>
+    public static IReadOnlyList<ModelShape> EmulatedShapes { get; } =
+        [new("tiny", Shape(512, 64, 128, 2, 4, 2, 16, tied: false), PromptTokens: 16, DecodeSteps: 4, TargetTokensPerSecond: 0)];
+
+    /// <summary>Prefill of the prompt (chunks of the whole prompt) and batch-1 greedy decode with sampling on the
+    /// device; tokens/s, achieved weight GB/s and its fraction of the measured copy bandwidth.</summary>
+    private static object Throughput(CudaDevice device, ModelShape shape, double copy)
+    {
+        using var model = CudaLlamaModel.Random(shape.Config, device, DType.BF16, contextLength: shape.PromptTokens + shape.DecodeSteps + 8, prefillChunk: shape.PromptTokens);
+        using var session = model.CreateSession();
+        int[] prompt = Enumerable.Range(0, shape.PromptTokens).Select(i => i * 7919 % shape.Config.VocabularySize).ToArray();
+        var greedy = KernelLM.Runtime.Sampling.SamplingOptions.Greedy;
+        var stats = new float[KernelLM.Runtime.Signals.VocabStats.FieldCount];
+        int[] next = [0];
+        double prefillSeconds = double.MaxValue, stepSeconds = double.MaxValue;
+        for (int repeat = 0; repeat < 2; repeat++)
+        {
+            // The first repeat warms up (module load, caches); the best of the two is reported.
+            session.Reset();
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            next[0] = session.ForwardSample(prompt, greedy, 1, 0, stats, [], []);
+            prefillSeconds = Math.Min(prefillSeconds, clock.Elapsed.TotalSeconds);
+            clock.Restart();
+            for (int step = 0; step < shape.DecodeSteps; step++)
+            {
+                next[0] = session.ForwardSample(next, greedy, 1, 0, stats, [], []);
+            }
+            stepSeconds = Math.Min(stepSeconds, clock.Elapsed.TotalSeconds / shape.DecodeSteps);
+        }
+        long bytes = model.BytesPerDecodedToken;
+        double gbps = bytes / stepSeconds / 1e9;
+        return new
+        {
+            model = shape.Name,
+            weight_bytes = model.WeightBytes,
+            bytes_per_decoded_token = bytes,
+            prefill_tokens = shape.PromptTokens,
+            prefill_tokens_per_second = shape.PromptTokens / prefillSeconds,
+            decode_tokens_per_second = 1 / stepSeconds,
+            decode_weight_gbps = gbps,
+            decode_fraction_of_copy = gbps / copy,
+            bandwidth_limit_tokens_per_second = copy * 1e9 / bytes,
+            target_tokens_per_second = shape.TargetTokensPerSecond,
+        };
+    }
+
+    /// <summary>Flash-decoding over a long cache: the Llama-3.1-8B attention shape (32 query heads, 8 KV heads,
+    /// head_dim 128, bf16) at <paramref name="keys"/> positions; GB/s of the K and V bytes read.</summary>
+    private static object DecodeAttention(CudaDevice device, int keys, double copy)
+    {
+        const int heads = 32, kvHeads = 8, headDim = 128;
+        using var keyCache = device.Allocate("k_cache", DType.BF16, 1, kvHeads, keys, headDim);
+        using var valueCache = device.Allocate("v_cache", DType.BF16, 1, kvHeads, keys, headDim);
+        using var q = device.Allocate("q", DType.BF16, 1, heads, headDim);
+        using var output = device.Allocate("attn", DType.BF16, 1, heads, headDim);
+        using var lengths = device.Allocate("lengths", DType.I32, 1);
+        lengths.Upload<int>([keys]);
+        CudaOps.FillUniform(device, keyCache, 1, 1);
+        CudaOps.FillUniform(device, valueCache, 2, 1);
+        CudaOps.FillUniform(device, q, 3, 1);
+        int splits = CudaOps.AttentionDecodeSplits(device, 1, heads, kvHeads, headDim, keys);
+        using var workspace = device.Allocate("workspace", DType.F32, checked((int)Math.Max(1, CudaOps.AttentionDecodeWorkspaceElements(1, heads, headDim, splits))));
+        const int launches = 10;
+        double best = double.MaxValue;
+        for (int repeat = 0; repeat < 3; repeat++)
+        {
+            device.Synchronize();
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            for (int i = 0; i < launches; i++)
+            {
+                CudaOps.AttentionDecode(device, q, keyCache, valueCache, lengths, keys, 0, workspace, output);
+            }
+            device.Synchronize();
+            best = Math.Min(best, clock.Elapsed.TotalSeconds / launches);
+        }
+        long bytes = keyCache.ByteLength + valueCache.ByteLength;
+        return new { kernel = "attention_decode_bf16", keys, heads, kv_heads = kvHeads, head_dim = headDim, splits, microseconds = best * 1e6, gbps = bytes / best / 1e9, fraction_of_copy = bytes / best / 1e9 / copy };
+    }
+
+    public static void Write(string directory, CudaDevice device, int elements, long copyBytes, IReadOnlyList<ModelShape>? shapes = null, int attentionKeys = 32768)
     {
         double copy = KernelBandwidth.CopyGigabytesPerSecond(device, copyBytes);
         var kernels = KernelBandwidth.Measure(device, elements);
+        var models = (shapes ?? []).Select(shape => Throughput(device, shape, copy)).ToArray();
+        var attention = DecodeAttention(device, attentionKeys, copy);
         // vocab_stats against a whole decode step, each step taken at the copy's bandwidth (its roofline): the L2 rows
         // are the decode case (the LM head has just written the logits).
         double step1B = Llama1BDecodeBytes / (copy * 1e3);
@@ -62,6 +178,8 @@ public sealed class DeviceReportTests
                 fraction_of_copy = k.GigabytesPerSecond / copy,
             }),
             vocab_stats_share_of_decode_step = vocabShares,
+            models,
+            attention_decode = attention,
         };
         Directory.CreateDirectory(directory);
         File.WriteAllText(Path.Combine(directory, "report.json"), JsonSerializer.Serialize(report, Indented));
@@ -76,6 +194,11 @@ public sealed class DeviceReportTests
             lines.Add($"{share.kernel,-22} {share.shape,-14} {share.microseconds,8:F1} us = {share.share_of_1b_step:P2} of a 1B bf16 decode step "
                 + $"({step1B:F0} us at copy speed), {share.share_of_8b_step:P2} of an 8B one ({step8B:F0} us)");
         }
+        foreach (var model in models)
+        {
+            lines.Add(JsonSerializer.Serialize(model));
+        }
+        lines.Add(JsonSerializer.Serialize(attention));
         File.WriteAllLines(Path.Combine(directory, "report.txt"), lines);
         foreach (string line in lines)
         {
@@ -91,7 +214,7 @@ public sealed class DeviceReportTests
         {
             using (var device = new CudaDevice(new EmulatorBackend()))
             {
-                Write(directory, device, elements: 8192, copyBytes: 1 << 16);
+                Write(directory, device, elements: 8192, copyBytes: 1 << 16, EmulatedShapes, attentionKeys: 256);
             }
             using var json = JsonDocument.Parse(File.ReadAllText(Path.Combine(directory, "report.json")));
             var root = json.RootElement;
@@ -107,6 +230,12 @@ public sealed class DeviceReportTests
             Assert.That(root.GetProperty("vocab_stats_share_of_decode_step").GetArrayLength(), Is.EqualTo(4));
             Assert.That(root.GetProperty("vocab_stats_share_of_decode_step").EnumerateArray().All(k => k.GetProperty("share_of_8b_step").GetDouble() > 0), Is.True);
             Assert.That(root.GetProperty("kernels").EnumerateArray().All(k => k.GetProperty("gbps").GetDouble() > 0), Is.True);
+            var model = root.GetProperty("models").EnumerateArray().Single();
+            Assert.That(model.GetProperty("model").GetString(), Is.EqualTo("tiny"));
+            Assert.That(model.GetProperty("decode_tokens_per_second").GetDouble(), Is.GreaterThan(0));
+            Assert.That(model.GetProperty("prefill_tokens_per_second").GetDouble(), Is.GreaterThan(0));
+            Assert.That(model.GetProperty("decode_fraction_of_copy").GetDouble(), Is.GreaterThan(0));
+            Assert.That(root.GetProperty("attention_decode").GetProperty("gbps").GetDouble(), Is.GreaterThan(0));
         }
         finally
         {
@@ -125,6 +254,6 @@ public sealed class DeviceReportTests
         CudaTestSupport.RequireDevice();
         using var device = new CudaDevice(new DriverBackend());
         // 64M elements: 256 MB per f32 tensor, far beyond the L2, so the figures are HBM figures.
-        Write(directory, device, elements: 64 << 20, copyBytes: 1L << 30);
+        Write(directory, device, elements: 64 << 20, copyBytes: 1L << 30, GpuShapes, attentionKeys: 32768);
     }
 }

@@ -33,24 +33,31 @@ public sealed class CudaLlamaModel : IDisposable
 {
     private readonly List<DeviceTensor> _tensors = [];
 
-    private unsafe CudaLlamaModel(LlamaModel model, CudaDevice device, DType dtype)
+    private CudaLlamaModel(ModelConfig config, CudaDevice device, DType dtype, int contextLength, int prefillChunk, LlamaModel? model)
     {
+        Config = config;
         Model = model;
         Device = device;
-        var config = model.Config;
         DType = dtype;
+        ContextLength = contextLength;
+        PrefillChunk = prefillChunk;
+    }
+
+    private static CudaLlamaModel Build(CudaLlamaModel model, Action<CudaLlamaModel> fill)
+    {
         try
         {
-            Upload(model, config);
+            fill(model);
+            return model;
         }
         catch
         {
-            FreeAll();
+            model.FreeAll();
             throw;
         }
     }
 
-    private unsafe void Upload(LlamaModel model, ModelConfig config)
+    private unsafe void UploadWeights(LlamaModel model, ModelConfig config)
     {
         Embedding = UploadMatrix(model.Embedding);
         LmHead = model.LmHead.Data == model.Embedding.Data ? Embedding : UploadMatrix(model.LmHead);
@@ -80,9 +87,16 @@ public sealed class CudaLlamaModel : IDisposable
         }
     }
 
-    public LlamaModel Model { get; }
+    /// <summary>The host model the weights came from; null for <see cref="Random"/> weights.</summary>
+    public LlamaModel? Model { get; }
     public CudaDevice Device { get; }
-    public ModelConfig Config => Model.Config;
+    public ModelConfig Config { get; }
+
+    /// <summary>Tokens a session's KV cache holds by default.</summary>
+    public int ContextLength { get; }
+
+    /// <summary>Prompt tokens per forward chunk of a session.</summary>
+    public int PrefillChunk { get; }
 
     /// <summary>The dtype of the matrices and of every device activation.</summary>
     public DType DType { get; }
@@ -120,8 +134,71 @@ public sealed class CudaLlamaModel : IDisposable
         {
             throw new InvalidParameterException("device dtype", $"{wanted}: the device runs a model in its checkpoint dtype ({dtype}) or in F32");
         }
-        return new CudaLlamaModel(model, device, activations ?? dtype);
+        var result = new CudaLlamaModel(model.Config, device, activations ?? dtype, model.ContextLength, model.Options.PrefillChunk, model);
+        return Build(result, m => m.UploadWeights(model, model.Config));
     }
+
+    /// <summary>
+    /// A model of <paramref name="config"/>'s shapes with seeded random weights generated on the device (no host
+    /// copy): matrices uniform in ±1/sqrt(in_features) so activations stay O(1), norms 1, biases 0. For
+    /// benchmarks, where the shapes decide the speed and the values do not matter.
+    /// </summary>
+    public static CudaLlamaModel Random(ModelConfig config, CudaDevice device, DType dtype, int contextLength, int prefillChunk = 128, ulong seed = 1)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(device);
+        var result = new CudaLlamaModel(config, device, dtype, contextLength, prefillChunk, null);
+        return Build(result, m => m.Generate(seed));
+    }
+
+    private void Generate(ulong seed)
+    {
+        var c = Config;
+        DeviceTensor Matrix(string name, int rows, int cols)
+        {
+            var tensor = Allocate(name, DType, rows, cols);
+            CudaOps.FillUniform(Device, tensor, seed++, 1f / MathF.Sqrt(cols));
+            return tensor;
+        }
+        DeviceTensor Constant(string name, int length, float value)
+        {
+            var tensor = Allocate(name, DType.F32, length);
+            CudaOps.FillConstant(Device, tensor, value);
+            return tensor;
+        }
+        Embedding = Matrix("model.embed_tokens.weight", c.VocabularySize, c.HiddenSize);
+        LmHead = c.TieWordEmbeddings ? Embedding : Matrix("lm_head.weight", c.VocabularySize, c.HiddenSize);
+        FinalNorm = Constant("model.norm.weight", c.HiddenSize, 1);
+        InverseFrequencies = UploadVector("rope.inv_freq", RopeTable.InverseFrequencies(c));
+        Layers = new CudaLlamaLayer[c.Layers];
+        for (int i = 0; i < c.Layers; i++)
+        {
+            string prefix = $"model.layers.{i}.";
+            Layers[i] = new CudaLlamaLayer
+            {
+                Query = Matrix(prefix + "self_attn.q_proj.weight", c.Heads * c.HeadDim, c.HiddenSize),
+                Key = Matrix(prefix + "self_attn.k_proj.weight", c.KvHeads * c.HeadDim, c.HiddenSize),
+                Value = Matrix(prefix + "self_attn.v_proj.weight", c.KvHeads * c.HeadDim, c.HiddenSize),
+                Output = Matrix(prefix + "self_attn.o_proj.weight", c.HiddenSize, c.Heads * c.HeadDim),
+                Gate = Matrix(prefix + "mlp.gate_proj.weight", c.IntermediateSize, c.HiddenSize),
+                Up = Matrix(prefix + "mlp.up_proj.weight", c.IntermediateSize, c.HiddenSize),
+                Down = Matrix(prefix + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize),
+                AttentionNorm = Constant(prefix + "input_layernorm.weight", c.HiddenSize, 1),
+                MlpNorm = Constant(prefix + "post_attention_layernorm.weight", c.HiddenSize, 1),
+                QueryBias = c.QkvBias ? Constant(prefix + "self_attn.q_proj.bias", c.Heads * c.HeadDim, 0) : null,
+                KeyBias = c.QkvBias ? Constant(prefix + "self_attn.k_proj.bias", c.KvHeads * c.HeadDim, 0) : null,
+                ValueBias = c.QkvBias ? Constant(prefix + "self_attn.v_proj.bias", c.KvHeads * c.HeadDim, 0) : null,
+                OutputBias = c.OutputBias ? Constant(prefix + "self_attn.o_proj.bias", c.HiddenSize, 0) : null,
+            };
+        }
+        Device.Synchronize();
+    }
+
+    /// <summary>Bytes one decode step reads from the weights: every layer matrix and the LM head (the embedding
+    /// contributes one row, which is negligible and not counted unless it is the tied LM head).</summary>
+    public long BytesPerDecodedToken =>
+        Layers.Sum(l => l.Query.ByteLength + l.Key.ByteLength + l.Value.ByteLength + l.Output.ByteLength + l.Gate.ByteLength + l.Up.ByteLength + l.Down.ByteLength)
+        + LmHead.ByteLength;
 
     private DeviceTensor Allocate(string name, DType dtype, params int[] shape)
     {
@@ -169,7 +246,7 @@ public sealed class CudaLlamaModel : IDisposable
 
     /// <summary>A new sequence with its own device KV cache of <paramref name="capacity"/> tokens (0 = the model's context).</summary>
     public CudaLlamaSession CreateSession(int capacity = 0) =>
-        new(this, capacity > 0 ? Math.Min(capacity, Model.ContextLength) : Model.ContextLength, Model.Options.PrefillChunk);
+        new(this, capacity > 0 ? Math.Min(capacity, ContextLength) : ContextLength, PrefillChunk);
 
     private void FreeAll()
     {
