@@ -7,7 +7,8 @@
 #                                        conformance suite and the model tests on the real device, then the
 #                                        device report (per-kernel GB/s against a measured device-to-device
 #                                        copy; vocab_stats at batch 1 and 8, and its share of a 1B / 8B decode
-#                                        step), and writes OUTDIR/report.json, report.txt, summary.txt and the logs.
+#                                        step; 1B / 8B-shaped prefill and decode tokens/s; flash-decoding at 32K
+#                                        keys), and writes OUTDIR/report.json, report.txt, summary.txt and the logs.
 #
 # With the device tool: prepare here, then run with carry [".device-check"] and a timeout that leaves room
 # for a rerun: `bash tools/device-check.sh run $OUT`. Without a GPU, `run` still completes and says so:
@@ -48,7 +49,7 @@ run)
     : >"$out/summary.txt"
     run_suite cuda "FullyQualifiedName~KernelLM.Tests.Cuda"
     run_suite conformance "FullyQualifiedName~Conformance"
-    run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder"
+    run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder|FullyQualifiedName~CudaSessionTests"
     run_suite report "FullyQualifiedName~Report_on_the_gpu"
     if [ -f "$out/report.json" ]; then
         cat "$out/report.txt" >>"$out/summary.txt"

@@ -3,7 +3,9 @@ using KernelLM.Models.Llama;
 using KernelLM.Models.Scoring;
 using KernelLM.Runtime;
 using KernelLM.Runtime.Cuda;
+using KernelLM.Runtime.Cuda.Driver;
 using KernelLM.Runtime.Cuda.Emulator;
+using KernelLM.Tests.Cuda;
 using KernelLM.Tests.Fixtures;
 using KernelLM.Tests.Support;
 
@@ -15,17 +17,25 @@ namespace KernelLM.Tests.Models;
 /// embedded model reproduces its golden logits and greedy continuation; out of memory is a typed error that
 /// leaks nothing.
 /// </summary>
-[TestFixture]
-public sealed class CudaSessionTests
+[TestFixture("cuda-emulated")]
+[TestFixture("cuda")]
+public sealed class CudaSessionTests(string deviceName)
 {
     private CudaDevice _device = null!;
     private string _directory = "";
 
     [OneTimeSetUp]
-    public void CreateDevice() => _device = new CudaDevice(new EmulatorBackend());
+    public void CreateDevice()
+    {
+        if (deviceName == "cuda")
+        {
+            CudaTestSupport.RequireDevice();
+        }
+        _device = new CudaDevice(deviceName == "cuda" ? new DriverBackend() : new EmulatorBackend());
+    }
 
     [OneTimeTearDown]
-    public void DisposeDevice() => _device.Dispose();
+    public void DisposeDevice() => _device?.Dispose();
 
     [SetUp]
     public void CreateDirectory() => _directory = TestPaths.NewTemporaryDirectory("cuda-session");
@@ -121,8 +131,8 @@ public sealed class CudaSessionTests
         foreach (var prompt in golden.RootElement.GetProperty("prompts").EnumerateArray())
         {
             string name = prompt.GetProperty("name").GetString()!;
-            yield return new TestCaseData(name, DType.F32).SetName($"golden_on_cuda_emulated({name}, activations=F32)");
-            yield return new TestCaseData(name, DType.BF16).SetName($"golden_on_cuda_emulated({name}, activations=BF16)");
+            yield return new TestCaseData(name, DType.F32).SetName($"golden_on_cuda({name}, activations=F32)");
+            yield return new TestCaseData(name, DType.BF16).SetName($"golden_on_cuda({name}, activations=BF16)");
         }
     }
 
@@ -181,6 +191,10 @@ public sealed class CudaSessionTests
     [Test]
     public void Out_of_device_memory_is_a_typed_error_and_leaks_nothing()
     {
+        if (deviceName != "cuda-emulated")
+        {
+            Assert.Ignore("needs the emulated device's memory budget (a real GPU's memory is what it is)");
+        }
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32 });
         using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 1, ContextLength = 256 });
         // The synthetic model's weights are about 1.6 MB in fp32: a 1 MB device cannot hold them.
@@ -206,7 +220,7 @@ public sealed class CudaSessionTests
     {
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 11 });
         using var cpu = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cpu", Threads = 1, ContextLength = 64, PrefillChunk = 8 });
-        using var device = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cuda-emulated", ContextLength = 64, PrefillChunk = 8 });
+        using var device = LanguageModel.Load(_directory, new ModelLoadOptions { Device = deviceName, ContextLength = 64, PrefillChunk = 8 });
         Assert.That(device.IsCuda, Is.True);
         int[] ids = [0, 17, 300, 1999, 45, 45, 1024, 7, 88, 1500, 2047, 3, 640, 99, 12, 150, 151, 152, 5, 42];
         using var cpuScorer = new Scorer(cpu, topK: 4);
@@ -236,7 +250,7 @@ public sealed class CudaSessionTests
     {
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 12 });
         using var cpu = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cpu", Threads = 1, ContextLength = 64, PrefillChunk = 8 });
-        using var device = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cuda-emulated", ContextLength = 64, PrefillChunk = 8 });
+        using var device = LanguageModel.Load(_directory, new ModelLoadOptions { Device = deviceName, ContextLength = 64, PrefillChunk = 8 });
         const string prompt = "Once upon a time there was";
         foreach (float penalty in new[] { 1f, 1.5f })
         {
