@@ -281,4 +281,32 @@ public sealed class CudaSessionTests(string deviceName)
         Assert.That(Sampled(7), Is.EqualTo(first), "same seed, same tokens");
         Assert.That(Sampled(8), Is.Not.EqualTo(first), "another seed, other tokens");
     }
+
+    /// <summary>The device decode step (forward, sampling and the signals' reduction on the device) allocates nothing
+    /// on the managed heap of the calling thread: views and kernel names are made once.</summary>
+    [Test]
+    public void A_device_decode_step_allocates_nothing()
+    {
+        SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.BF16, Seed = 13 });
+        using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 1, ContextLength = 256 });
+        using var uploaded = CudaLlamaModel.Upload(model, _device);
+        using var session = uploaded.CreateSession();
+        var options = new KernelLM.Runtime.Sampling.SamplingOptions { Temperature = 0.8f, TopK = 20, TopP = 0.9f, MinP = 0.02f, RepetitionPenalty = 1.2f };
+        var stats = new float[KernelLM.Runtime.Signals.VocabStats.FieldCount];
+        var ids = new int[4];
+        var logProbs = new float[4];
+        int[] next = [session.ForwardSample([0, 5, 9], options, 3, 4, stats, ids, logProbs)];
+        for (int i = 0; i < 40; i++)
+        {
+            next[0] = session.ForwardSample(next, options, 3, 4, stats, ids, logProbs);
+        }
+        Thread.Sleep(200);
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 20; i++)
+        {
+            next[0] = session.ForwardSample(next, options, 3, 4, stats, ids, logProbs);
+        }
+        long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        Assert.That(allocated, Is.Zero, "bytes allocated by 20 device decode steps");
+    }
 }

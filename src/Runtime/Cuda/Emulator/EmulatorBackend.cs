@@ -429,8 +429,10 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
     private string? CheckAllGuards()
     {
         string? first = null;
-        foreach (var allocation in _heap.Live)
+        var live = _heap.Live;
+        for (int i = 0; i < live.Count; i++) // by index: a foreach over the interface would allocate per launch
         {
+            var allocation = live[i];
             if (_heap.CheckGuards(allocation) is string damage)
             {
                 first ??= damage;

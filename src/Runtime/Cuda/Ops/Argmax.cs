@@ -14,7 +14,7 @@ public static partial class CudaOps
         }
         int rows = checked((int)(x.ElementCount / cols));
         RequireElements(output, rows, op, $"[{rows}]");
-        LaunchArgmax(device, $"argmax_{Suffix(x.DType)}", x.Address, output.Address, rows, cols, stream);
+        LaunchArgmax(device, KernelName("argmax", Suffix(x.DType)), x.Address, output.Address, rows, cols, stream);
     }
 
     private static void LaunchArgmax(CudaDevice device, string kernel, ulong x, ulong output, int rows, int cols, nint stream)

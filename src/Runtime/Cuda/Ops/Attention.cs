@@ -55,7 +55,7 @@ public static partial class CudaOps
         RequireShape(starts, op, cache.Batch);
         RequireDType(inverseFrequencies, op, DType.F32);
         RequireShape(inverseFrequencies, op, cache.HeadDim / 2);
-        LaunchKvAppend(device, $"kv_append_{Suffix(k.DType)}", k.Address, v.Address, starts.Address, inverseFrequencies.Address,
+        LaunchKvAppend(device, KernelName("kv_append", Suffix(k.DType)), k.Address, v.Address, starts.Address, inverseFrequencies.Address,
             keyCache.Address, valueCache.Address, cache.Batch, tokens, cache.KvHeads, cache.HeadDim, cache.Capacity, stream);
     }
 
@@ -208,7 +208,7 @@ public static partial class CudaOps
         arguments.Add(maxIndices);
         arguments.Add(slotsPerSplit);
         arguments.Add(1f / MathF.Sqrt(headDim));
-        device.Backend.Launch(device.Function($"attention_decode_{suffix}{HeadDimVariant(headDim)}"), new Dim3(kvHeads * blocksPerKvHead, splits, batch),
+        device.Backend.Launch(device.Function(KernelName("attention_decode", suffix, HeadDimVariant(headDim))), new Dim3(kvHeads * blocksPerKvHead, splits, batch),
             new Dim3(warps * 32), sharedBytes, stream, arguments.Pointers);
         if (splits > 1)
         {
@@ -221,7 +221,7 @@ public static partial class CudaOps
             merge.Add(headDim);
             merge.Add(splits);
             // One thread per output dimension.
-            device.Backend.Launch(device.Function($"attention_decode_merge_{suffix}"), new Dim3(heads, batch), new Dim3((headDim + 31) / 32 * 32),
+            device.Backend.Launch(device.Function(KernelName("attention_decode_merge", suffix)), new Dim3(heads, batch), new Dim3((headDim + 31) / 32 * 32),
                 0, stream, merge.Pointers);
         }
     }
@@ -259,7 +259,7 @@ public static partial class CudaOps
         arguments.Add(window);
         arguments.Add(maxIndices);
         arguments.Add(1f / MathF.Sqrt(headDim));
-        device.Backend.Launch(device.Function($"attention_prefill_{suffix}{variant}"), new Dim3(Blocks(rows, blockRows), kvHeads, batch),
+        device.Backend.Launch(device.Function(KernelName("attention_prefill", suffix, variant)), new Dim3(Blocks(rows, blockRows), kvHeads, batch),
             new Dim3(128), sharedBytes, stream, arguments.Pointers);
     }
 
@@ -288,7 +288,7 @@ public static partial class CudaOps
     }
 
     /// <summary>Rank and dimensions (-1: any) of a tensor, naming it and the expected shape.</summary>
-    private static void RequireShape(DeviceTensor tensor, string op, params int[] expected)
+    private static void RequireShape(DeviceTensor tensor, string op, params ReadOnlySpan<int> expected)
     {
         bool matches = tensor.Shape.Length == expected.Length;
         for (int i = 0; matches && i < expected.Length; i++)
@@ -297,7 +297,7 @@ public static partial class CudaOps
         }
         if (!matches)
         {
-            string text = "[" + string.Join(", ", expected.Select(d => d < 0 ? "*" : d.ToString(System.Globalization.CultureInfo.InvariantCulture))) + "]";
+            string text = "[" + string.Join(", ", expected.ToArray().Select(d => d < 0 ? "*" : d.ToString(System.Globalization.CultureInfo.InvariantCulture))) + "]";
             throw new ArgumentException($"{op}: tensor '{tensor.Name}' has shape {tensor.ShapeText}; expected {text}");
         }
         // The attention kernels load rows 16 bytes at a time (views may start anywhere the dtype allows).

@@ -9,8 +9,8 @@ public static partial class CudaOps
         const string op = "silu_mul";
         RequireDType(gate, op, DType.F32, DType.BF16, DType.F16);
         RequireSameDType(gate, up, op);
-        RequireElements(up, gate.ElementCount, op, gate.ShapeText);
-        LaunchElementwise(device, $"silu_mul_{Suffix(gate.DType)}", gate.Address, up.Address, gate.ElementCount, stream);
+        RequireElements(up, gate.ElementCount, op, $"{gate.ShapeText}");
+        LaunchElementwise(device, KernelName("silu_mul", Suffix(gate.DType)), gate.Address, up.Address, gate.ElementCount, stream);
     }
 
     /// <summary>y += x, element-wise (the residual add). y, x: same dtype and element count.</summary>
@@ -19,8 +19,8 @@ public static partial class CudaOps
         const string op = "add";
         RequireDType(y, op, DType.F32, DType.BF16, DType.F16);
         RequireSameDType(y, x, op);
-        RequireElements(x, y.ElementCount, op, y.ShapeText);
-        LaunchElementwise(device, $"add_{Suffix(y.DType)}", y.Address, x.Address, y.ElementCount, stream);
+        RequireElements(x, y.ElementCount, op, $"{y.ShapeText}");
+        LaunchElementwise(device, KernelName("add", Suffix(y.DType)), y.Address, x.Address, y.ElementCount, stream);
     }
 
     /// <summary>y = x converted (bf16/f16 to f32, f32 to bf16/f16). Same element count.</summary>
@@ -33,8 +33,8 @@ public static partial class CudaOps
         {
             throw new ArgumentException($"{op}: '{x.Name}' {x.DType} -> '{y.Name}' {y.DType}: one side must be F32 and the other BF16 or F16");
         }
-        RequireElements(y, x.ElementCount, op, x.ShapeText);
-        LaunchElementwise(device, $"convert_{Suffix(x.DType)}_{Suffix(y.DType)}", x.Address, y.Address, x.ElementCount, stream);
+        RequireElements(y, x.ElementCount, op, $"{x.ShapeText}");
+        LaunchElementwise(device, KernelName("convert", Suffix(x.DType), Underscored(y.DType)), x.Address, y.Address, x.ElementCount, stream);
     }
 
     private static void LaunchElementwise(CudaDevice device, string kernel, ulong first, ulong second, long count, nint stream)

@@ -16,7 +16,7 @@ public static partial class CudaOps
         int rows = table.Shape[0], cols = table.Shape[1];
         int tokens = checked((int)ids.ElementCount);
         RequireElements(output, (long)tokens * cols, op, $"[{tokens}, {cols}]");
-        LaunchEmbedding(device, $"embedding_{Suffix(table.DType)}", table.Address, ids.Address, output.Address, rows, cols, tokens, stream);
+        LaunchEmbedding(device, KernelName("embedding", Suffix(table.DType)), table.Address, ids.Address, output.Address, rows, cols, tokens, stream);
     }
 
     private static void LaunchEmbedding(CudaDevice device, string kernel, ulong table, ulong ids, ulong output, int rows, int cols, int tokens, nint stream)

@@ -6,7 +6,7 @@ public static partial class CudaOps
     public static void FillUniform(CudaDevice device, DeviceTensor x, ulong seed, float scale, nint stream = 0)
     {
         RequireDType(x, "fill_uniform", DType.F32, DType.BF16, DType.F16);
-        LaunchFill(device, $"fill_uniform_{Suffix(x.DType)}", x.Address, x.ElementCount, seed, scale, constant: false, stream);
+        LaunchFill(device, KernelName("fill_uniform", Suffix(x.DType)), x.Address, x.ElementCount, seed, scale, constant: false, stream);
     }
 
     /// <summary>x[i] = value. x: F32.</summary>

@@ -19,7 +19,7 @@ public static partial class CudaOps
         const string op = "gemv";
         var (rows, cols, tokens) = LinearShapes(op, weight, x, y, GemvMaxTokens);
         CheckBiasAndResidual(op, rows, tokens, y, bias, residual);
-        LaunchGemv(device, $"gemv_{Suffix(weight.DType)}", [weight.Address, x.Address, bias?.Address ?? 0, residual?.Address ?? 0, y.Address],
+        LaunchGemv(device, KernelName("gemv", Suffix(weight.DType)), [weight.Address, x.Address, bias?.Address ?? 0, residual?.Address ?? 0, y.Address],
             rows, cols, tokens, stream);
     }
 
@@ -48,7 +48,7 @@ public static partial class CudaOps
         arguments.Add(tokens);
         arguments.Add(rows);
         arguments.Add(cols);
-        device.Backend.Launch(device.Function($"gemm_{Suffix(weight.DType)}"), new Dim3(Blocks(rows, GemmTile), Blocks(tokens, GemmTile)),
+        device.Backend.Launch(device.Function(KernelName("gemm", Suffix(weight.DType))), new Dim3(Blocks(rows, GemmTile), Blocks(tokens, GemmTile)),
             new Dim3(256), 0, stream, arguments.Pointers);
     }
 
@@ -95,7 +95,7 @@ public static partial class CudaOps
         {
             throw new ArgumentException($"{op}: tensor '{up.Name}' {up.ShapeText} must match '{gate.Name}' {gate.ShapeText}");
         }
-        LaunchGemv(device, $"gemv_silu_{Suffix(gate.DType)}", [gate.Address, up.Address, x.Address, y.Address], rows, cols, tokens, stream);
+        LaunchGemv(device, KernelName("gemv_silu", Suffix(gate.DType)), [gate.Address, up.Address, x.Address, y.Address], rows, cols, tokens, stream);
     }
 
     private static (int Rows, int Cols, int Tokens) LinearShapes(string op, DeviceTensor weight, DeviceTensor x, DeviceTensor y, int maxTokens)

@@ -15,12 +15,12 @@ public static partial class CudaOps
         {
             throw new ArgumentException($"{op}: tensor '{x.Name}' {x.ShapeText} is not a whole number of rows of weight '{weight.Name}' {weight.ShapeText}");
         }
-        RequireElements(y, x.ElementCount, op, x.ShapeText);
+        RequireElements(y, x.ElementCount, op, $"{x.ShapeText}");
         if (!(epsilon > 0))
         {
             throw new ArgumentException($"{op}: epsilon must be positive, got {epsilon}");
         }
-        LaunchRmsNorm(device, $"rms_norm_{Suffix(x.DType)}", x.Address, weight.Address, y.Address, checked((int)(x.ElementCount / cols)), cols, epsilon, stream);
+        LaunchRmsNorm(device, KernelName("rms_norm", Suffix(x.DType)), x.Address, weight.Address, y.Address, checked((int)(x.ElementCount / cols)), cols, epsilon, stream);
     }
 
     private static void LaunchRmsNorm(CudaDevice device, string kernel, ulong x, ulong weight, ulong y, int rows, int cols, float epsilon, nint stream)

@@ -20,7 +20,7 @@ public static partial class CudaOps
         }
         ArgumentOutOfRangeException.ThrowIfNegative(start);
         int tokens = checked((int)(x.ElementCount / ((long)heads * headDim)));
-        LaunchRope(device, $"rope_{Suffix(x.DType)}", x.Address, inverseFrequencies.Address, tokens, heads, headDim, start, stream);
+        LaunchRope(device, KernelName("rope", Suffix(x.DType)), x.Address, inverseFrequencies.Address, tokens, heads, headDim, start, stream);
     }
 
     private static void LaunchRope(CudaDevice device, string kernel, ulong x, ulong inverseFrequencies, int tokens, int heads, int headDim, int start, nint stream)

@@ -59,7 +59,7 @@ public static partial class CudaOps
         arguments.Add(seed);
         arguments.Add(counters?.Address ?? 0UL);
         arguments.Add(output.Address);
-        device.Backend.Launch(device.Function($"sample_{Suffix(logits.DType)}"), new Dim3(rows), new Dim3(SampleThreads), 0, stream, arguments.Pointers);
+        device.Backend.Launch(device.Function(KernelName("sample", Suffix(logits.DType))), new Dim3(rows), new Dim3(SampleThreads), 0, stream, arguments.Pointers);
     }
 
     /// <summary>
@@ -85,7 +85,7 @@ public static partial class CudaOps
         }
         int rows = checked((int)(logits.ElementCount / vocabulary));
         RequireElements(historyLength, rows, op, $"[{rows}]");
-        RequireElements(flags, logits.ElementCount, op, logits.ShapeText);
+        RequireElements(flags, logits.ElementCount, op, $"{logits.ShapeText}");
         if (rows == 0 || history.ElementCount % rows != 0)
         {
             throw new ArgumentException($"{op}: tensor '{history.Name}' {history.ShapeText} is not [{rows}, max_history]");
@@ -106,7 +106,7 @@ public static partial class CudaOps
         arguments.Add(historyLength.Address);
         arguments.Add(penalty);
         arguments.Add(flags.Address);
-        device.Backend.Launch(device.Function($"repetition_penalty_{Suffix(logits.DType)}"), grid, new Dim3(PenaltyThreads), 0, stream, arguments.Pointers);
+        device.Backend.Launch(device.Function(KernelName("repetition_penalty", Suffix(logits.DType))), grid, new Dim3(PenaltyThreads), 0, stream, arguments.Pointers);
 
         Span<byte> clearValues = stackalloc byte[KernelArguments.ValueBytes];
         Span<nint> clearPointers = stackalloc nint[KernelArguments.MaxArguments];

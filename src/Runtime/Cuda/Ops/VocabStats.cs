@@ -143,7 +143,7 @@ public static partial class CudaOps
         arguments.Add(layout.SliceLength);
         arguments.Add(layout.Splits);
         arguments.Add(topK);
-        device.Backend.Launch(device.Function($"vocab_stats_{suffix}"), new Dim3(checked(layout.Rows * layout.Splits)), new Dim3(VocabStatsBlockSize), 0,
+        device.Backend.Launch(device.Function(KernelName("vocab_stats", suffix)), new Dim3(checked(layout.Rows * layout.Splits)), new Dim3(VocabStatsBlockSize), 0,
             stream, arguments.Pointers);
         // Kernel 2: one block of 128 threads (>= splits) per row merges its partials and writes the outputs.
         arguments = new KernelArguments(values, pointers);
