@@ -204,13 +204,14 @@ public static class Program
         }
         var progress = new LoadProgress();
         var load = Task.Run(() => LanguageModel.Load(directory, options with { Progress = progress }));
-        if (!load.Wait(TimeSpan.FromMilliseconds(400)))
+        // Waiting on the handle does not throw when the load faults: its error surfaces from GetResult below, unwrapped.
+        if (!((IAsyncResult)load).AsyncWaitHandle.WaitOne(TimeSpan.FromMilliseconds(400)))
         {
             var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(Console.Error) });
             console.Progress().AutoClear(true).Start(context =>
             {
                 var task = context.AddTask($"loading {Path.GetFileName(Path.TrimEndingDirectorySeparator(directory))}", maxValue: 1.0);
-                while (!load.Wait(TimeSpan.FromMilliseconds(100)))
+                while (!((IAsyncResult)load).AsyncWaitHandle.WaitOne(TimeSpan.FromMilliseconds(100)))
                 {
                     task.Value = progress.Fraction;
                 }
