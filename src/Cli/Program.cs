@@ -196,14 +196,14 @@ public static class Program
         : string.Create(CultureInfo.InvariantCulture, $"{bytes / (double)(1 << 20):F2} MiB");
 
     /// <summary>Loads the model; when that takes long and stderr is a terminal, shows a progress bar.</summary>
-    internal static LanguageModel LoadWithProgress(string directory, ModelLoadOptions options, TextWriter errors)
+    internal static LanguageModel LoadWithProgress(string directory, ModelLoadOptions options, TextWriter errors, LanguageModel? shareDeviceWith = null)
     {
         if (Console.IsErrorRedirected || !ReferenceEquals(errors, Console.Error))
         {
-            return LanguageModel.Load(directory, options);
+            return LanguageModel.Load(directory, options, shareDeviceWith);
         }
         var progress = new LoadProgress();
-        var load = Task.Run(() => LanguageModel.Load(directory, options with { Progress = progress }));
+        var load = Task.Run(() => LanguageModel.Load(directory, options with { Progress = progress }, shareDeviceWith));
         // Waiting on the handle does not throw when the load faults: its error surfaces from GetResult below, unwrapped.
         if (!((IAsyncResult)load).AsyncWaitHandle.WaitOne(TimeSpan.FromMilliseconds(400)))
         {

@@ -87,7 +87,7 @@ public static class ScoreCommand
             var options = device.Read(result);
             using var language = Program.LoadWithProgress(result.GetValue(model)!, options, errors);
             string? referenceDirectory = result.GetValue(reference);
-            using var referenceModel = referenceDirectory is null ? null : Program.LoadWithProgress(referenceDirectory, options, errors);
+            using var referenceModel = referenceDirectory is null ? null : Program.LoadWithProgress(referenceDirectory, options, errors, shareDeviceWith: language);
             using var scorer = new Scorer(language, referenceModel, k);
             if (textValue is not null)
             {

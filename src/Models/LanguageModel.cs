@@ -23,6 +23,7 @@ public sealed class LanguageModel : IDisposable
     private readonly IDecoderSession _session;
     private readonly CudaDevice? _cudaDevice;
     private readonly CudaLlamaModel? _cudaModel;
+    private bool _ownsDevice = true;
     private readonly HfTokenizer _tokenizer;
     private bool _disposed;
 
@@ -61,7 +62,14 @@ public sealed class LanguageModel : IDisposable
     /// <summary>The embedded default model (tiny-stories) shipped next to the executable.</summary>
     public static string DefaultModelDirectory => Path.Combine(AppContext.BaseDirectory, "models", "tiny-stories");
 
-    public static LanguageModel Load(string directory, ModelLoadOptions? options = null)
+    public static LanguageModel Load(string directory, ModelLoadOptions? options = null) => Load(directory, options, shareDeviceWith: null);
+
+    /// <summary>
+    /// Loads a model onto the CUDA device <paramref name="shareDeviceWith"/> already runs on (when both resolve to a
+    /// CUDA device): a scoring reference then keeps its logits on the same device as the scored model, and the two
+    /// are reduced together there. The device stays owned by the first model, which must outlive this one.
+    /// </summary>
+    public static LanguageModel Load(string directory, ModelLoadOptions? options, LanguageModel? shareDeviceWith)
     {
         options ??= new ModelLoadOptions();
         options.Validate();
@@ -74,17 +82,22 @@ public sealed class LanguageModel : IDisposable
         try
         {
             tokenizer = HfTokenizer.Load(directory, model.Config.BosTokenId, model.Config.EosTokenIds);
+            bool shared = false;
             if (device != "cpu")
             {
-                cudaDevice = new CudaDevice(device == "cuda" ? new DriverBackend() : new EmulatorBackend());
-                cudaModel = CudaLlamaModel.Upload(model, cudaDevice);
+                shared = shareDeviceWith?._cudaDevice is { } existing && existing.Backend.IsEmulated == (device == "cuda-emulated");
+                cudaDevice = shared ? shareDeviceWith!._cudaDevice : new CudaDevice(device == "cuda" ? new DriverBackend() : new EmulatorBackend());
+                cudaModel = CudaLlamaModel.Upload(model, cudaDevice!);
             }
-            return new LanguageModel(model, tokenizer, cudaDevice, cudaModel);
+            return new LanguageModel(model, tokenizer, cudaDevice, cudaModel) { _ownsDevice = !shared };
         }
         catch
         {
             cudaModel?.Dispose();
-            cudaDevice?.Dispose();
+            if (cudaDevice is not null && !ReferenceEquals(cudaDevice, shareDeviceWith?._cudaDevice))
+            {
+                cudaDevice.Dispose();
+            }
             tokenizer?.Dispose();
             model.Dispose();
             throw;
@@ -203,7 +216,10 @@ public sealed class LanguageModel : IDisposable
         _disposed = true;
         _session.Dispose();
         _cudaModel?.Dispose();
-        _cudaDevice?.Dispose();
+        if (_ownsDevice)
+        {
+            _cudaDevice?.Dispose();
+        }
         _tokenizer.Dispose();
         Model.Dispose();
         _gate.Dispose();

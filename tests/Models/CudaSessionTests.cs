@@ -219,24 +219,46 @@ public sealed class CudaSessionTests(string deviceName)
     public void Scoring_on_the_device_matches_the_cpu()
     {
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 11 });
-        using var cpu = LanguageModel.Load(_directory, new ModelLoadOptions { Device = "cpu", Threads = 1, ContextLength = 64, PrefillChunk = 8 });
-        using var device = LanguageModel.Load(_directory, new ModelLoadOptions { Device = deviceName, ContextLength = 64, PrefillChunk = 8 });
+        string referenceDirectory = Path.Combine(_directory, "reference");
+        Directory.CreateDirectory(referenceDirectory);
+        SyntheticModel.Write(referenceDirectory, new SyntheticModelSpec { DType = DType.F32, Seed = 21 });
+        var cpuOptions = new ModelLoadOptions { Device = "cpu", Threads = 1, ContextLength = 64, PrefillChunk = 8 };
+        var deviceOptions = new ModelLoadOptions { Device = deviceName, ContextLength = 64, PrefillChunk = 8 };
+        using var cpu = LanguageModel.Load(_directory, cpuOptions);
+        using var cpuReference = LanguageModel.Load(referenceDirectory, cpuOptions);
+        using var device = LanguageModel.Load(_directory, deviceOptions);
+        // On the scored model's device: the two models' rows meet there and are reduced together.
+        using var deviceReference = LanguageModel.Load(referenceDirectory, deviceOptions, shareDeviceWith: device);
         Assert.That(device.IsCuda, Is.True);
         int[] ids = [0, 17, 300, 1999, 45, 45, 1024, 7, 88, 1500, 2047, 3, 640, 99, 12, 150, 151, 152, 5, 42];
-        using var cpuScorer = new Scorer(cpu, topK: 4);
-        using var deviceScorer = new Scorer(device, topK: 4);
-        var expected = cpuScorer.Score(ids);
-        var actual = deviceScorer.Score(ids);
-        Assert.That(actual.Positions, Has.Count.EqualTo(expected.Positions.Count));
-        for (int i = 0; i < expected.Positions.Count; i++)
+        foreach (bool withReference in new[] { false, true })
         {
-            var e = expected.Positions[i];
-            var a = actual.Positions[i];
-            Assert.That(a.LogProbability, Is.EqualTo(e.LogProbability).Within(1e-4), $"position {e.Position} log-prob");
-            Assert.That(a.Entropy, Is.EqualTo(e.Entropy).Within(1e-4), $"position {e.Position} entropy");
-            Assert.That(a.Margin, Is.EqualTo(e.Margin).Within(1e-4), $"position {e.Position} margin");
-            Assert.That(a.Kurtosis, Is.EqualTo(e.Kurtosis).Within(1e-3 * (1 + Math.Abs(e.Kurtosis))), $"position {e.Position} kurtosis");
-            Assert.That(a.Top.Select(t => t.Id), Is.EqualTo(e.Top.Select(t => t.Id)), $"position {e.Position} top ids");
+            using var cpuScorer = new Scorer(cpu, withReference ? cpuReference : null, topK: 4);
+            using var deviceScorer = new Scorer(device, withReference ? deviceReference : null, topK: 4);
+            var expected = cpuScorer.Score(ids);
+            var actual = deviceScorer.Score(ids);
+            Assert.That(actual.Positions, Has.Count.EqualTo(expected.Positions.Count));
+            for (int i = 0; i < expected.Positions.Count; i++)
+            {
+                var e = expected.Positions[i];
+                var a = actual.Positions[i];
+                string at = $"position {e.Position}, reference {withReference}";
+                Assert.That(a.LogProbability, Is.EqualTo(e.LogProbability).Within(1e-4), $"{at}: log-prob");
+                Assert.That(a.Entropy, Is.EqualTo(e.Entropy).Within(1e-4), $"{at}: entropy");
+                Assert.That(a.Margin, Is.EqualTo(e.Margin).Within(1e-4), $"{at}: margin");
+                Assert.That(a.Kurtosis, Is.EqualTo(e.Kurtosis).Within(1e-3 * (1 + Math.Abs(e.Kurtosis))), $"{at}: kurtosis");
+                Assert.That(a.Top.Select(t => t.Id), Is.EqualTo(e.Top.Select(t => t.Id)), $"{at}: top ids");
+                if (withReference)
+                {
+                    Assert.That(a.KlPq, Is.EqualTo(e.KlPq).Within(1e-4), $"{at}: KL(p||q)");
+                    Assert.That(a.KlQp, Is.EqualTo(e.KlQp).Within(1e-4), $"{at}: KL(q||p)");
+                    Assert.That(a.LogRatio, Is.EqualTo(e.LogRatio).Within(1e-4), $"{at}: log-ratio");
+                }
+            }
+            if (withReference)
+            {
+                Assert.That(expected.Positions.Max(p => p.KlPq), Is.GreaterThan(1e-3), "two different models: the KL is not trivially 0");
+            }
         }
     }
 

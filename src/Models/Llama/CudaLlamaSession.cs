@@ -256,23 +256,8 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         for (int start = 0; start < tokens.Length; start += _chunk)
         {
             int count = Math.Min(_chunk, tokens.Length - start);
-            var views = count == 1 ? _decode : new Views(this, count);
-            ForwardChunk(tokens.Slice(start, count), views);
-            CudaOps.RmsNorm(_device, views.X, _model.FinalNorm, (float)config.RmsNormEpsilon, views.Norm);
-            CudaOps.Linear(_device, _model.LmHead, views.Norm, views.Logits);
-            var targetView = _targets!.View("targets", DType.I32, 0, count);
-            targetView.Upload(targets.Slice(start, count));
-            var statsView = _stats!.View("stats", DType.F32, 0, count, fields);
-            var idsView = topK > 0 ? _topIds!.View("top_ids", DType.I32, 0, count, topK) : null;
-            var logProbsView = topK > 0 ? _topLogProbs!.View("top_log_probs", DType.F32, 0, count, topK) : null;
-            CudaOps.VocabStats(_device, views.Logits, vocabulary, targetView, null, topK, _reduceWorkspace!, statsView, idsView, logProbsView);
-            // Only the reduced numbers come back.
-            statsView.Download(stats.Slice(start * fields, count * fields));
-            if (topK > 0)
-            {
-                idsView!.Download(topIds.Slice(start * topK, count * topK));
-                logProbsView!.Download(topLogProbs.Slice(start * topK, count * topK));
-            }
+            var logits = AllLogits(tokens.Slice(start, count));
+            ReduceOnDevice(logits, null, targets.Slice(start, count), topK, stats[(start * fields)..], topIds[(start * topK)..], topLogProbs[(start * topK)..]);
         }
     }
 
@@ -342,6 +327,65 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         var last = views.Tokens == 1 ? views.X : _x.View("x", _model.DType, (long)(views.Tokens - 1) * config.HiddenSize * _model.DType.SizeOf(), 1, config.HiddenSize);
         CudaOps.RmsNorm(_device, last, _model.FinalNorm, (float)config.RmsNormEpsilon, views.LastNorm);
         CudaOps.Linear(_device, _model.LmHead, views.LastNorm, views.LastLogits);
+    }
+
+    public bool CanReduceWith(IDeviceReduction reference) =>
+        CanReduce && reference is CudaLlamaSession other && other.CanReduce && ReferenceEquals(other._device, _device)
+        && other._model.DType == _model.DType && other._model.Config.VocabularySize == _model.Config.VocabularySize;
+
+    public void ForwardReduce(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, IDeviceReduction reference, int topK, Span<float> stats,
+        Span<int> topIds, Span<float> topLogProbs)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentNullException.ThrowIfNull(reference);
+        if (!CanReduceWith(reference))
+        {
+            throw new InvalidOperationException("the reference session must be a CUDA session on the same device, in the same dtype, with the same vocabulary");
+        }
+        var other = (CudaLlamaSession)reference;
+        int count = tokens.Length;
+        int vocabulary = _model.Config.VocabularySize;
+        int fields = KernelLM.Runtime.Signals.VocabStats.FieldCount;
+        if (count > _chunk || count > other._chunk || targets.Length != count || stats.Length < count * fields
+            || topIds.Length < count * topK || topLogProbs.Length < count * topK || (uint)topK > KernelLM.Runtime.Signals.VocabStats.MaxTopK)
+        {
+            throw new ArgumentException($"reduce with a reference: {count} tokens (at most {Math.Min(_chunk, other._chunk)}) need {count} targets, stats [{count}, {fields}] and top [{count}, {topK}]");
+        }
+        DecoderChecks.Tokens(tokens, _length, Capacity, vocabulary);
+        DecoderChecks.Tokens(tokens, other._length, other.Capacity, vocabulary);
+        var logits = AllLogits(tokens);
+        var referenceLogits = other.AllLogits(tokens);
+        ReduceOnDevice(logits, referenceLogits, targets, topK, stats, topIds, topLogProbs);
+    }
+
+    /// <summary>Runs one chunk and leaves every position's logits on the device ([count, vocab], model dtype).</summary>
+    private DeviceTensor AllLogits(ReadOnlySpan<int> tokens)
+    {
+        var views = tokens.Length == 1 ? _decode : new Views(this, tokens.Length);
+        ForwardChunk(tokens, views);
+        CudaOps.RmsNorm(_device, views.X, _model.FinalNorm, (float)_model.Config.RmsNormEpsilon, views.Norm);
+        CudaOps.Linear(_device, _model.LmHead, views.Norm, views.Logits);
+        return views.Logits;
+    }
+
+    /// <summary>vocab_stats over the rows of <paramref name="logits"/> against the targets; only the numbers come back.</summary>
+    private void ReduceOnDevice(DeviceTensor logits, DeviceTensor? reference, ReadOnlySpan<int> targets, int topK, Span<float> stats, Span<int> topIds,
+        Span<float> topLogProbs)
+    {
+        int count = targets.Length;
+        int fields = KernelLM.Runtime.Signals.VocabStats.FieldCount;
+        var targetView = _targets!.View("targets", DType.I32, 0, count);
+        targetView.Upload(targets);
+        var statsView = _stats!.View("stats", DType.F32, 0, count, fields);
+        var idsView = topK > 0 ? _topIds!.View("top_ids", DType.I32, 0, count, topK) : null;
+        var logProbsView = topK > 0 ? _topLogProbs!.View("top_log_probs", DType.F32, 0, count, topK) : null;
+        CudaOps.VocabStats(_device, logits, _model.Config.VocabularySize, targetView, reference, topK, _reduceWorkspace!, statsView, idsView, logProbsView);
+        statsView.Download(stats[..(count * fields)]);
+        if (topK > 0)
+        {
+            idsView!.Download(topIds[..(count * topK)]);
+            logProbsView!.Download(topLogProbs[..(count * topK)]);
+        }
     }
 
     private void Head(Views views, bool allRows, Span<float> destination)

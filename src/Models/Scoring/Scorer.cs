@@ -203,13 +203,22 @@ public sealed class Scorer : IDisposable
         {
             int count = Math.Min(ChunkLength, ids.Length - 1 - start);
             var chunk = ids.AsSpan(start, count);
-            if (referenceSession is null && session is IDeviceReduction { CanReduce: true } device && _width == modelVocabulary)
+            bool pairs = referenceSession is null || (session is IDeviceReduction withReference && referenceSession is IDeviceReduction referenceDevice
+                && withReference.CanReduceWith(referenceDevice));
+            if (pairs && session is IDeviceReduction { CanReduce: true } device && _width == modelVocabulary)
             {
                 // The logits stay on the device: the reduction runs there and only its numbers come back.
                 var deviceStats = _stats.AsSpan(0, count * VocabStats.FieldCount);
                 var deviceTopIds = _topIds.AsSpan(0, count * _topK);
                 var deviceTopLogProbs = _topLogProbs.AsSpan(0, count * _topK);
-                device.ForwardReduce(chunk, ids.AsSpan(start + 1, count), _topK, deviceStats, deviceTopIds, deviceTopLogProbs);
+                if (referenceSession is IDeviceReduction referenceReduction)
+                {
+                    device.ForwardReduce(chunk, ids.AsSpan(start + 1, count), referenceReduction, _topK, deviceStats, deviceTopIds, deviceTopLogProbs);
+                }
+                else
+                {
+                    device.ForwardReduce(chunk, ids.AsSpan(start + 1, count), _topK, deviceStats, deviceTopIds, deviceTopLogProbs);
+                }
                 for (int t = 0; t < count; t++)
                 {
                     int position = start + t + 1;

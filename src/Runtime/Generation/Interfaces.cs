@@ -40,6 +40,16 @@ public interface IDeviceReduction
     /// top ids / log-probs [tokens, topK]. The logits never leave the device.
     /// </summary>
     void ForwardReduce(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int topK, Span<float> stats, Span<int> topIds, Span<float> topLogProbs);
+
+    /// <summary>Whether <paramref name="reference"/> keeps its logits on the same device, in the same dtype and width,
+    /// so that <see cref="ForwardReduce(ReadOnlySpan{int}, ReadOnlySpan{int}, IDeviceReduction, int, Span{float}, Span{int}, Span{float})"/> can pair them.</summary>
+    bool CanReduceWith(IDeviceReduction reference);
+
+    /// <summary>As <see cref="ForwardReduce(ReadOnlySpan{int}, ReadOnlySpan{int}, int, Span{float}, Span{int}, Span{float})"/>,
+    /// with <paramref name="reference"/> (another model's session on the same device) run over the same tokens and its
+    /// rows reduced in the same pass: KL both ways and the log-ratio. One chunk: at most both sessions' prefill chunk.</summary>
+    void ForwardReduce(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, IDeviceReduction reference, int topK, Span<float> stats,
+        Span<int> topIds, Span<float> topLogProbs);
 }
 
 /// <summary>
