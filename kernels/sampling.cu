@@ -12,7 +12,7 @@
 // The uniform draw u in [0, 1): uniforms[row] (f64) when given (tests compare with the CPU sampler on the
 // same draw); otherwise splitmix64(seed, counter[row]) and counter[row] is incremented by the kernel, so a
 // captured decode graph draws a fresh number at every replay and the sequence depends only on the seed.
-// Launch: grid (rows), block (KLM_SAMPLE_THREADS = 1024); ~30 KB static shared memory.
+// Launch: grid (rows), block (KLM_SAMPLE_THREADS = 1024); ~18 KB static shared memory.
 //
 // Algorithm, per row (one block): pass 1 max/argmax; a radix select (4 passes of 8 bits over the
 // order-preserving integer keys of the logits) finds the k-th largest logit; one pass sums the top-k mass
@@ -47,40 +47,42 @@ __device__ __forceinline__ double klm_uniform(unsigned long long seed, unsigned 
     return (double)(z >> 11) * (1.0 / 9007199254740992.0);
 }
 
-// Block-wide sums and exclusive scans through shared memory, in a fixed order (deterministic: the same inputs
-// give the same sum on every run and every thread sees the same value). buffer: blockDim.x + 1 values;
-// blockDim.x a power of two. Both end with a barrier.
+// Exclusive prefix sum over the block in thread order; *total gets the sum. Ends with a barrier.
 template <typename V>
-__device__ __forceinline__ V block_sum_shared(V value, V* buffer) {
-    buffer[threadIdx.x] = value;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if ((int)threadIdx.x < stride) {
-            buffer[threadIdx.x] += buffer[threadIdx.x + stride];
+__device__ __forceinline__ V block_exclusive_scan(V value, V* scratch, V* total) {
+    int lane = threadIdx.x % KLM_WARP_SIZE;
+    int warp = threadIdx.x / KLM_WARP_SIZE;
+    int warps = blockDim.x / KLM_WARP_SIZE;
+    V inclusive = value;
+    for (int offset = 1; offset < KLM_WARP_SIZE; offset <<= 1) {
+        V other = __shfl_up_sync(KLM_FULL_MASK, inclusive, offset);
+        if (lane >= offset) {
+            inclusive += other;
         }
-        __syncthreads();
     }
-    V total = buffer[0];
-    __syncthreads();
-    return total;
-}
-
-template <typename V>
-__device__ __forceinline__ V block_exclusive_scan_shared(V value, V* buffer, V* total) {
-    buffer[threadIdx.x] = value;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        V running = (V)0;
-        for (int i = 0; i < (int)blockDim.x; i++) {
-            V own = buffer[i];
-            buffer[i] = running;
-            running += own;
-        }
-        buffer[blockDim.x] = running;
+    if (lane == KLM_WARP_SIZE - 1) {
+        scratch[warp] = inclusive;
     }
     __syncthreads();
-    V result = buffer[threadIdx.x];
-    *total = buffer[blockDim.x];
+    if (warp == 0) {
+        V warp_total = lane < warps ? scratch[lane] : (V)0;
+        V warp_inclusive = warp_total;
+        for (int offset = 1; offset < KLM_WARP_SIZE; offset <<= 1) {
+            V other = __shfl_up_sync(KLM_FULL_MASK, warp_inclusive, offset);
+            if (lane >= offset) {
+                warp_inclusive += other;
+            }
+        }
+        if (lane < warps) {
+            scratch[lane] = warp_inclusive - warp_total;  // exclusive offset of each warp
+        }
+        if (lane == KLM_WARP_SIZE - 1) {
+            scratch[KLM_WARP_SIZE] = warp_inclusive;
+        }
+    }
+    __syncthreads();
+    V result = scratch[warp] + inclusive - value;
+    *total = scratch[KLM_WARP_SIZE];
     __syncthreads();
     return result;
 }
@@ -89,8 +91,8 @@ struct SampleShared {
     float values[KLM_SAMPLE_CANDIDATES];
     int ids[KLM_SAMPLE_CANDIDATES];
     unsigned int histogram[256];
-    double doubles[KLM_SAMPLE_THREADS + 1];
-    int ints[KLM_SAMPLE_THREADS + 1];
+    double doubles[KLM_WARP_SIZE + 1];
+    int ints[KLM_WARP_SIZE + 1];
     float best_values[KLM_WARP_SIZE];
     int best_ids[KLM_WARP_SIZE];
     unsigned int prefix;
@@ -206,9 +208,9 @@ __device__ void sample(const T* __restrict__ logits, int vocab, float temperatur
             count += (min_p <= 0.0f || w >= min_p) ? 1 : 0;
         }
     }
-    const double topk_mass = block_sum_shared(mass, s.doubles);
+    const double topk_mass = block_reduce_sum(mass, s.doubles);
     int candidates = 0;
-    const int offset = block_exclusive_scan_shared(count, s.ints, &candidates);
+    const int offset = block_exclusive_scan(count, s.ints, &candidates);
 
     if (candidates <= KLM_SAMPLE_CANDIDATES) {
         // Path A: compact in id order, sort, and run the CPU sampler's loop over the short list.
@@ -314,7 +316,7 @@ __device__ void sample(const T* __restrict__ logits, int vocab, float temperatur
                     part += expf(x / temperature - max_scaled);
                 }
             }
-            double reached = block_sum_shared(part, s.doubles) / topk_mass;  // ends with a barrier
+            double reached = block_reduce_sum(part, s.doubles) / topk_mass;  // ends with a barrier
             if (threadIdx.x == 0) {
                 if (reached >= top_p) {
                     s.low = middle;
@@ -338,7 +340,7 @@ __device__ void sample(const T* __restrict__ logits, int vocab, float temperatur
         }
     }
     double kept = 0.0;
-    double before = block_exclusive_scan_shared(own, s.doubles, &kept);
+    double before = block_exclusive_scan(own, s.doubles, &kept);
     double target = u * kept;
     if (threadIdx.x == 0) {
         out[blockIdx.x] = best_id;  // if rounding leaves the target past the last token: the top token

@@ -367,6 +367,7 @@ struct Block {
     void suspend(ThreadState& t);
     void on_exit(ThreadState& t);
     int barrier(ThreadState& t, int op, int predicate, int line, const char* file);
+    bool still_at_barrier(const ThreadState& u);
     uint64_t warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, int argument, int width, int line,
                      const char* file);
     uint32_t active_mask(ThreadState& t);
@@ -940,7 +941,7 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
                            line, file);
         }
         bool waiting_here = status == Status::Blocked && u.waiting == Waiting::Warp;
-        if (status == Status::Blocked && u.waiting == Waiting::Barrier) {
+        if (status == Status::Blocked && u.waiting == Waiting::Barrier && still_at_barrier(u)) {
             fail_and_abort(KLM_FAULT_WARP_SYNC, t,
                            format("diverged warp %u: lane %u is at %s (%s:%d) with mask 0x%08x while lane %u waits at %s (%s:%d)",
                                   t.warp, t.lane, name, file, line, mask, k, barrier_name(u.op), u.file, u.line),
@@ -1066,6 +1067,9 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
         }
     }
     warp_generation[t.warp].fetch_add(1);
+    // Released under the block mutex, like a barrier's threads: barrier() checks under it that no lane of the warp
+    // still waits here, and a lane released early must not see its neighbours half-way through the release.
+    std::lock_guard<std::mutex> release(mutex);
     for (uint32_t k = 0; k < lanes; k++) {
         ThreadState& u = threads[base + k];
         if ((mask >> k & 1u) && &u != &t) {
@@ -1075,6 +1079,14 @@ uint64_t Block::warp_op(ThreadState& t, int op, uint32_t mask, uint64_t value, i
         }
     }
     return t.result;
+}
+
+// A barrier's release marks its threads runnable one by one under the block mutex, and a thread released early can
+// run ahead to a warp operation while a lane of its warp is still marked as waiting at the barrier. Whether that
+// lane really waits there (a diverged warp) is decided under the mutex, after any release in progress has finished.
+bool Block::still_at_barrier(const ThreadState& u) {
+    std::lock_guard<std::mutex> lock(mutex);
+    return u.status.load() == Status::Blocked && u.waiting == Waiting::Barrier;
 }
 
 uint32_t Block::active_mask(ThreadState& t) {
