@@ -119,6 +119,14 @@ template <> __device__ __forceinline__ f16_t from_float<f16_t>(float value) { re
 // A quiet NaN, written where an input is invalid (an id out of range) so the fault is visible downstream.
 __device__ __forceinline__ float klm_nan() { return __int_as_float(0x7fc00000); }
 
+// splitmix64 of (seed, counter): the counter-based generator of sampling's draws and of fill's synthetic weights.
+__device__ __forceinline__ unsigned long long klm_splitmix64(unsigned long long seed, unsigned long long counter) {
+    unsigned long long z = seed + (counter + 1ull) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 // ------------------------------------------------------------------ reductions
 
 // Templates over the value type (float; double where a sum must not depend on the order, e.g. sampling).

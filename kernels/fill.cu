@@ -10,11 +10,7 @@
 #include "common.cuh"
 
 __device__ __forceinline__ float klm_uniform_signed(unsigned long long seed, unsigned long long i) {
-    unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)(z >> 40) * (1.0f / 8388608.0f) - 1.0f;  // 24 random bits -> [-1, 1)
+    return (float)(klm_splitmix64(seed, i) >> 40) * (1.0f / 8388608.0f) - 1.0f;  // 24 random bits -> [-1, 1)
 }
 
 template <typename T>

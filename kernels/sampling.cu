@@ -40,11 +40,7 @@ __device__ __forceinline__ unsigned int ordered_key(float x) {
 
 // splitmix64 of (seed, counter) -> a double in [0, 1) with 53 random bits.
 __device__ __forceinline__ double klm_uniform(unsigned long long seed, unsigned long long counter) {
-    unsigned long long z = seed + (counter + 1ull) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * (1.0 / 9007199254740992.0);
+    return (double)(klm_splitmix64(seed, counter) >> 11) * (1.0 / 9007199254740992.0);
 }
 
 // Exclusive prefix sum over the block in thread order; *total gets the sum. Ends with a barrier.

@@ -272,7 +272,6 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         {
             throw new InvalidOperationException($"sampling on the device needs f32 or bf16 logits; this model runs in {_model.DType}");
         }
-        options.Validate();
         var config = _model.Config;
         int vocabulary = config.VocabularySize;
         int fields = KernelLM.Runtime.Signals.VocabStats.FieldCount;
@@ -363,9 +362,15 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     {
         var views = tokens.Length == 1 ? _decode : new Views(this, tokens.Length);
         ForwardChunk(tokens, views);
+        RowsLogits(views);
+        return views.Logits;
+    }
+
+    /// <summary>Every row's logits into <c>_logits</c> ([tokens, vocab], the model dtype), on the device.</summary>
+    private void RowsLogits(Views views)
+    {
         CudaOps.RmsNorm(_device, views.X, _model.FinalNorm, (float)_model.Config.RmsNormEpsilon, views.Norm);
         CudaOps.Linear(_device, _model.LmHead, views.Norm, views.Logits);
-        return views.Logits;
     }
 
     /// <summary>vocab_stats over the rows of <paramref name="logits"/> against the targets; only the numbers come back.</summary>
@@ -390,12 +395,9 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
 
     private void Head(Views views, bool allRows, Span<float> destination)
     {
-        var config = _model.Config;
-        float epsilon = (float)config.RmsNormEpsilon;
         if (allRows)
         {
-            CudaOps.RmsNorm(_device, views.X, _model.FinalNorm, epsilon, views.Norm);
-            CudaOps.Linear(_device, _model.LmHead, views.Norm, views.Logits);
+            RowsLogits(views);
             Download(views.Logits, views.LogitsF32, destination);
         }
         else

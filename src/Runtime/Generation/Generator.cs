@@ -101,8 +101,12 @@ public static class Generator
     private static IEnumerable<GeneratedToken> RunChecked(IDecoderSession session, ITextTokenizer tokenizer, int[] prompt,
         GenerationOptions options, GenerationStats stats, CancellationToken cancellation)
     {
-        var sampler = new Sampler(session.VocabularySize);
-        var logits = new float[session.VocabularySize];
+        // On a device that samples, a step copies back the token and its numbers only (IDeviceSampler); the host
+        // sampler and logits exist only for sessions that hand their logits back.
+        var device = session as IDeviceSampler;
+        bool onDevice = device is { CanSample: true };
+        var sampler = onDevice ? null : new Sampler(session.VocabularySize);
+        var logits = onDevice ? [] : new float[session.VocabularySize];
         var history = new int[Math.Min(session.Capacity + 1, prompt.Length + options.MaxNewTokens)];
         prompt.CopyTo(history, 0);
         int length = prompt.Length;
@@ -123,9 +127,6 @@ public static class Generator
             stats.TrackUncertainty();
         }
 
-        // On a device that samples, a step copies back the token and its numbers only (IDeviceSampler).
-        var device = session as IDeviceSampler;
-        bool onDevice = device is { CanSample: true };
         ulong deviceSeed = options.Sampling.Seed is int fixedSeed ? (ulong)(uint)fixedSeed : (ulong)Random.Shared.NextInt64();
         var deviceStats = onDevice ? new float[VocabStats.FieldCount] : [];
         var deviceTopIds = onDevice ? new int[topK] : [];
@@ -144,7 +145,7 @@ public static class Generator
                 return;
             }
             session.Forward(feed, logits);
-            token = NextToken(sampler, logits, options.Sampling, history.AsSpan(0, length), random, out logProbability);
+            token = NextToken(sampler!, logits, options.Sampling, history.AsSpan(0, length), random, out logProbability);
         }
 
         session.Reset();
