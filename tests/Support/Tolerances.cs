@@ -49,4 +49,12 @@ public static class Tolerances
     /// <summary>KL = Cross / S1 - L_p + L_q: two log-sum-exps and a weighted mean of |x - y|.</summary>
     public static double VocabKl(int n, double maxAbsLogit, double maxDifference) =>
         2 * VocabLogSumExp(n, maxAbsLogit) + 2 * VocabSum(n) * maxDifference;
+
+    /// <summary>
+    /// Relative error of a TokenSelect soft vote v = sum_h exp(s_h - M_h) / S_h: each score is off by at most
+    /// <paramref name="scoreError"/> (its fp32 dot product), which moves exp(s - M) and S by twice that each (4 in all);
+    /// S sums <paramref name="candidates"/> exponentials of a few ulp each in fp32 (tiles, then a merge), and the vote adds
+    /// <paramref name="heads"/> terms: (candidates + heads + 16) u.
+    /// </summary>
+    public static double KvSelectVote(int candidates, int heads, double scoreError) => 4 * scoreError + (candidates + heads + 16) * UnitRoundoff;
 }

@@ -2,6 +2,7 @@ using KernelLM.Runtime;
 using KernelLM.Runtime.Cuda;
 using KernelLM.Runtime.Cuda.Ops;
 using KernelLM.Runtime.Generation;
+using KernelLM.Runtime.KvSelect;
 
 namespace KernelLM.Models.Llama;
 
@@ -58,6 +59,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     private readonly DeviceTensor?[] _rowTopIds = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
     private readonly DeviceTensor?[] _rowTopLogProbs = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
     private DeviceTensor? _rowStats;
+    private readonly CudaKvSelector? _selector;  // TokenSelect (null: full attention)
     private int _length;
     private bool _disposed;
 
@@ -68,7 +70,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         var c = model.Config;
         var dtype = model.DType;
         Capacity = capacity;
-        _chunk = Math.Max(1, Math.Min(chunk, capacity));
+        _chunk = Math.Max(1, Math.Min(model.Model?.Options.KvSelect?.Chunk ?? chunk, capacity));
         _keyCache = new DeviceTensor[c.Layers];
         _valueCache = new DeviceTensor[c.Layers];
         try
@@ -96,6 +98,10 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             long workspace = CudaOps.AttentionDecodeWorkspaceElements(1, c.Heads, c.HeadDim, splits);
             _workspace = workspace > 0 ? Allocate("attn_workspace", DType.F32, checked((int)workspace)) : null;
             _decode = new Views(this, 1);
+            if (model.Model?.Options.KvSelect is { } select)
+            {
+                _selector = new CudaKvSelector(_device, select, 1, c.Layers, c.Heads, c.HeadDim, capacity);
+            }
             if (dtype is DType.F32 or DType.BF16)
             {
                 const int maxTopK = KernelLM.Runtime.Signals.VocabStats.MaxTopK;
@@ -131,7 +137,10 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     public int Length => _length;
 
     /// <summary>Device bytes this session holds: KV cache, activations and workspace.</summary>
-    public long ByteLength => _owned.Sum(t => t.ByteLength);
+    public long ByteLength => _owned.Sum(t => t.ByteLength) + (_selector?.ByteLength ?? 0);
+
+    /// <summary>TokenSelect counts since the last reset (reads them back from the device), or null without selection.</summary>
+    public KvSelectStatistics? KvSelectStatistics => _selector?.Statistics();
 
     /// <summary>Device bytes of the KV cache alone.</summary>
     public long KvCacheBytes => _keyCache.Sum(t => t.ByteLength) + _valueCache.Sum(t => t.ByteLength);
@@ -139,6 +148,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     public void Reset()
     {
         _length = 0;
+        _selector?.Reset();
         if (_counters is not null)
         {
             Span<ulong> zero = [0UL];
@@ -215,9 +225,11 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         int vocabulary = config.VocabularySize;
         DecoderChecks.Tokens(tokens, _length, Capacity, vocabulary);
         DecoderChecks.Logits(logits.Length, tokens.Length, vocabulary, allPositions);
-        for (int start = 0; start < tokens.Length; start += _chunk)
+        // With selection, scoring runs a token at a time: each position gets the selection its decode step would get.
+        int step = _selector is not null && allPositions ? 1 : _chunk;
+        for (int start = 0; start < tokens.Length; start += step)
         {
-            int count = Math.Min(_chunk, tokens.Length - start);
+            int count = Math.Min(step, tokens.Length - start);
             var views = count == 1 ? _decode : new Views(this, count);
             ForwardChunk(tokens.Slice(start, count), views);
             if (allPositions)
@@ -253,9 +265,10 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             throw new ArgumentOutOfRangeException(nameof(topK), topK, $"top-k must be in 0..{KernelLM.Runtime.Signals.VocabStats.MaxTopK}");
         }
         DecoderChecks.Tokens(tokens, _length, Capacity, vocabulary);
-        for (int start = 0; start < tokens.Length; start += _chunk)
+        int step = _selector is not null ? 1 : _chunk;
+        for (int start = 0; start < tokens.Length; start += step)
         {
-            int count = Math.Min(_chunk, tokens.Length - start);
+            int count = Math.Min(step, tokens.Length - start);
             var logits = AllLogits(tokens.Slice(start, count));
             ReduceOnDevice(logits, null, targets.Slice(start, count), topK, stats[(start * fields)..], topIds[(start * topK)..], topLogProbs[(start * topK)..]);
         }
@@ -328,8 +341,10 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         CudaOps.Linear(_device, _model.LmHead, views.LastNorm, views.LastLogits);
     }
 
+    // With selection the scored positions run one at a time; the paired reduction takes whole chunks, so such a pair
+    // is reduced on the host (Scorer's fallback).
     public bool CanReduceWith(IDeviceReduction reference) =>
-        CanReduce && reference is CudaLlamaSession other && other.CanReduce && ReferenceEquals(other._device, _device)
+        CanReduce && _selector is null && reference is CudaLlamaSession { _selector: null } other && other.CanReduce && ReferenceEquals(other._device, _device)
         && other._model.DType == _model.DType && other._model.Config.VocabularySize == _model.Config.VocabularySize;
 
     public void ForwardReduce(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, IDeviceReduction reference, int topK, Span<float> stats,
@@ -444,14 +459,18 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             CudaOps.Linear(_device, weights.Value, views.Norm, views.V, weights.ValueBias);
             CudaOps.Rope(_device, views.Q, config.Heads, _model.InverseFrequencies, start);
             CudaOps.KvAppend(_device, views.KHeads, views.VHeads, _starts, _model.InverseFrequencies, _keyCache[layer], _valueCache[layer]);
+            // TokenSelect: a decode step selects for its own query (context: the cache with it), a prefill chunk for its
+            // mean query over the prefix before it.
+            var hook = _selector?.Select(layer, count == 1 ? views.QDecode : views.QHeads, _keyCache[layer], count == 1 ? _lengths : _starts,
+                count == 1 ? start + 1 : start, useCache: count == 1) ?? default;
             if (count == 1)
             {
                 CudaOps.AttentionDecode(_device, views.QDecode, _keyCache[layer], _valueCache[layer], _lengths, start + 1, config.SlidingWindow,
-                    _workspace, views.AttentionDecode);
+                    _workspace, views.AttentionDecode, hook);
             }
             else
             {
-                CudaOps.AttentionPrefill(_device, views.QHeads, _keyCache[layer], _valueCache[layer], _starts, config.SlidingWindow, views.AttentionHeads);
+                CudaOps.AttentionPrefill(_device, views.QHeads, _keyCache[layer], _valueCache[layer], _starts, config.SlidingWindow, views.AttentionHeads, hook);
             }
             CudaOps.Linear(_device, weights.Output, views.Attention, views.X, weights.OutputBias, residual: views.X);
 
@@ -473,6 +492,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
 
     private void FreeAll()
     {
+        _selector?.Dispose();
         foreach (var tensor in _owned)
         {
             tensor.Dispose();

@@ -57,6 +57,9 @@ public sealed record ModelLoadOptions
     /// <summary>Receives the loaded fraction while weights are prefetched (progress bars).</summary>
     public LoadProgress? Progress { get; init; }
 
+    /// <summary>TokenSelect KV-cache selection for the model's sessions (docs/kv-select.md); null = full attention.</summary>
+    public KernelLM.Runtime.KvSelect.KvSelectOptions? KvSelect { get; init; }
+
     public void Validate()
     {
         if (Device is not ("auto" or "cpu" or "cuda" or "cuda-emulated"))
@@ -75,6 +78,7 @@ public sealed record ModelLoadOptions
         {
             throw new InvalidParameterException("prefill-chunk", $"{PrefillChunk} (must be >= 1)");
         }
+        KvSelect?.Validate();
     }
 }
 

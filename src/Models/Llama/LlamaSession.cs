@@ -1,6 +1,7 @@
 using KernelLM.Runtime;
 using KernelLM.Runtime.Cpu;
 using KernelLM.Runtime.Generation;
+using KernelLM.Runtime.KvSelect;
 
 namespace KernelLM.Models.Llama;
 
@@ -30,13 +31,15 @@ public sealed class LlamaSession : IDecoderSession
     private readonly NativeBuffer<float> _up;       // [chunk, intermediate]
     private readonly NativeBuffer<float> _scratch;  // [chunk, intermediate]
     private readonly NativeBuffer<float>[] _buffers;
+    private readonly KvSelector? _selector;         // TokenSelect (null: full attention)
 
     internal LlamaSession(LlamaModel model, int capacity, int chunk)
     {
         _model = model;
         _device = model.Device;
         var c = model.Config;
-        _chunk = Math.Min(chunk, capacity);
+        _chunk = Math.Min(model.Options.KvSelect?.Chunk ?? chunk, capacity);
+        _selector = model.Options.KvSelect is { } select ? new KvSelector(select, c.Layers, c.Heads, c.KvHeads, c.HeadDim, capacity, _device.Pool) : null;
         var buffers = new List<NativeBuffer<float>>();
         NativeBuffer<float> Allocate(long length)
         {
@@ -76,7 +79,14 @@ public sealed class LlamaSession : IDecoderSession
 
     public ActivationObserver? Observer { get; set; }
 
-    public void Reset() => _cache.Length = 0;
+    /// <summary>TokenSelect counts since the last reset, or null without selection.</summary>
+    public KvSelectStatistics? KvSelectStatistics => _selector?.Statistics;
+
+    public void Reset()
+    {
+        _cache.Length = 0;
+        _selector?.Reset();
+    }
 
     public void Forward(ReadOnlySpan<int> tokens, Span<float> logits, bool allPositions = false)
     {
@@ -87,9 +97,12 @@ public sealed class LlamaSession : IDecoderSession
 
         int hidden = config.HiddenSize;
         int last = 0;
-        for (int start = 0; start < tokens.Length; start += _chunk)
+        // With selection, scoring (every position's logits) runs a token at a time: each position gets the selection
+        // its own query would get in decoding.
+        int step = _selector is not null && allPositions ? 1 : _chunk;
+        for (int start = 0; start < tokens.Length; start += step)
         {
-            int count = Math.Min(_chunk, tokens.Length - start);
+            int count = Math.Min(step, tokens.Length - start);
             ForwardChunk(tokens.Slice(start, count));
             last = count - 1;
             if (allPositions)
@@ -148,7 +161,12 @@ public sealed class LlamaSession : IDecoderSession
             Observe("k", layer, count, k);
             Observe("v", layer, count, v);
             _cache.Write(layer, start, count, k, v);
-            _device.Attention(q, _cache, layer, config.Heads, start, count, config.SlidingWindow, attention);
+            // TokenSelect: a decode step selects for its own query (context: the cache with it), a prefill chunk for its
+            // mean query over the prefix before it.
+            ReadOnlySpan<int> selected = default;
+            bool selects = _selector is not null && _selector.Select(layer, q, count, _cache, count == 1 ? start + 1 : start, useCache: count == 1, out selected);
+            _device.Attention(q, _cache, layer, config.Heads, start, count, config.SlidingWindow, attention,
+                selects ? new AttentionHook { SelectedPositions = selected } : default);
             Observe("attn", layer, count, attention);
             _device.Linear(attention, count, weights.Output, weights.OutputBias, x, accumulate: true);
             Observe("attn_out", layer, count, x);

@@ -39,6 +39,9 @@ public sealed unsafe class CpuDevice : IDisposable
     }
 
     public int ThreadCount => _pool.ThreadCount;
+
+    /// <summary>The worker pool the device's ops run on (KV selection scores on it too).</summary>
+    public CpuWorkerPool Pool => _pool;
     public int ScratchFloats { get; }
 
     private float* Scratch(int worker) => _scratch[worker].Data;
