@@ -76,8 +76,10 @@ public static class Program
         var stop = new Option<string[]>("--stop") { Description = "Stop at this text (repeatable)", AllowMultipleArgumentsPerToken = false };
         var device = new DeviceOptions();
         var reports = new ReportOptions();
+        var kvSelect = new KvSelectOption();
         var command = new Command(name, description) { model, prompt, maxTokens, temperature, topK, topP, minP, repetition, seed, stop };
         device.AddTo(command);
+        kvSelect.AddTo(command);
         reports.AddTo(command);
         command.SetAction(result => Guard(result, errors, () =>
         {
@@ -100,7 +102,7 @@ public static class Program
             };
             options.Validate();
             string text = result.GetValue(prompt) ?? DefaultPrompt;
-            using var language = LoadWithProgress(directory, device.Read(result), errors);
+            using var language = LoadWithProgress(directory, kvSelect.Apply(result, device.Read(result)), errors);
             var stats = new GenerationStats();
             var collector = report is null ? null : ReportRequest.Collect(language, text);
             output.Write(text);
@@ -134,6 +136,7 @@ public static class Program
             output.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"[{stats.GeneratedTokens} tokens, prompt {stats.PromptTokens} tokens at {stats.PrefillTokensPerSecond:F1} tok/s, decode {stats.DecodeTokensPerSecond:F1} tokens/s, {language.DeviceName}, finished: {stats.FinishReason}]"));
             report?.Write(collector!.Build(stats.FinishReason), errors);
+            KvSelectOption.Report(language, errors);
             return 0;
         }));
         return command;

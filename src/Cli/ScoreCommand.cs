@@ -52,6 +52,8 @@ public static class ScoreCommand
             model, reference, text, json, input, outputFile, field, topK,
         };
         device.AddTo(command);
+        var kvSelect = new KvSelectOption();
+        kvSelect.AddTo(command);
         command.SetAction(result => Program.Guard(result, errors, () =>
         {
             string? textValue = result.GetValue(text);
@@ -85,7 +87,9 @@ public static class ScoreCommand
             }
 
             var options = device.Read(result);
-            using var language = Program.LoadWithProgress(result.GetValue(model)!, options, errors);
+            // Selection applies to the scored model only: the reference keeps full attention, so --reference on the same
+            // folder measures what the selection changes (KL per position).
+            using var language = Program.LoadWithProgress(result.GetValue(model)!, kvSelect.Apply(result, options), errors);
             string? referenceDirectory = result.GetValue(reference);
             using var referenceModel = referenceDirectory is null ? null : Program.LoadWithProgress(referenceDirectory, options, errors, shareDeviceWith: language);
             using var scorer = new Scorer(language, referenceModel, k);

@@ -53,6 +53,17 @@ public sealed class LanguageModel : IDisposable
         _ => 0,
     };
 
+    /// <summary>TokenSelect options of the session, or null for full attention (docs/kv-select.md).</summary>
+    public KernelLM.Runtime.KvSelect.KvSelectOptions? KvSelectOptions => Model.Options.KvSelect;
+
+    /// <summary>TokenSelect counts since the session's last reset (a request resets it), or null without selection.</summary>
+    public KernelLM.Runtime.KvSelect.KvSelectStatistics? KvSelectStatistics => _session switch
+    {
+        LlamaSession cpu => cpu.KvSelectStatistics,
+        CudaLlamaSession cuda => cuda.KvSelectStatistics,
+        _ => null,
+    };
+
     /// <summary>Device bytes of the uploaded weights (0 on the CPU, where the weights stay in the memory map).</summary>
     public long DeviceWeightBytes => _cudaModel?.WeightBytes ?? 0;
 
