@@ -8,7 +8,8 @@
 #                                        device report (per-kernel GB/s against a measured device-to-device
 #                                        copy; vocab_stats at batch 1 and 8, and its share of a 1B / 8B decode
 #                                        step; 1B / 8B-shaped prefill and decode tokens/s; flash-decoding at 32K
-#                                        keys), and writes OUTDIR/report.json, report.txt, summary.txt and the logs.
+#                                        keys), and writes OUTDIR/report.json, report.txt, summary.txt and the logs;
+#                                        TokenSelect's figures go to kv_select.json / kv_select.txt.
 #
 # With the device tool: prepare here, then run with carry [".device-check"] and a timeout that leaves room
 # for a rerun: `bash tools/device-check.sh run $OUT`. Without a GPU, `run` still completes and says so:
@@ -51,6 +52,10 @@ run)
     run_suite conformance "FullyQualifiedName~Conformance"
     run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder|FullyQualifiedName~CudaSessionTests"
     run_suite report "FullyQualifiedName~Report_on_the_gpu"
+    # TokenSelect: sessions with selection on the device, then its report (kv_select.json / .txt: attention per layer
+    # step at 32K..1M with and without selection, the score kernel's GB/s, 8B decode tokens/s at 128K).
+    run_suite kvselect "FullyQualifiedName~KvSelectDeviceTests|FullyQualifiedName~Kv_select_report_on_the_gpu"
+    [ -f "$out/kv_select.txt" ] && cat "$out/kv_select.txt" >>"$out/summary.txt"
     if [ -f "$out/report.json" ]; then
         cat "$out/report.txt" >>"$out/summary.txt"
     else

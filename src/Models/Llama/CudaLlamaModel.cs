@@ -245,8 +245,9 @@ public sealed class CudaLlamaModel : IDisposable
     private DeviceTensor? OptionalVector(string name, float[] values) => values.Length == 0 ? null : UploadVector(name, values);
 
     /// <summary>A new sequence with its own device KV cache of <paramref name="capacity"/> tokens (0 = the model's context).</summary>
-    public CudaLlamaSession CreateSession(int capacity = 0) =>
-        new(this, capacity > 0 ? Math.Min(capacity, ContextLength) : ContextLength, PrefillChunk);
+    /// <summary>A session; <paramref name="kvSelect"/> turns TokenSelect on (default: the load options' <c>KvSelect</c>).</summary>
+    public CudaLlamaSession CreateSession(int capacity = 0, KernelLM.Runtime.KvSelect.KvSelectOptions? kvSelect = null) =>
+        new(this, capacity > 0 ? Math.Min(capacity, ContextLength) : ContextLength, PrefillChunk, kvSelect ?? Model?.Options.KvSelect);
 
     private void FreeAll()
     {

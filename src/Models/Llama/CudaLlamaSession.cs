@@ -63,14 +63,14 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     private int _length;
     private bool _disposed;
 
-    internal CudaLlamaSession(CudaLlamaModel model, int capacity, int chunk)
+    internal CudaLlamaSession(CudaLlamaModel model, int capacity, int chunk, KvSelectOptions? kvSelect = null)
     {
         _model = model;
         _device = model.Device;
         var c = model.Config;
         var dtype = model.DType;
         Capacity = capacity;
-        _chunk = Math.Max(1, Math.Min(model.Model?.Options.KvSelect?.Chunk ?? chunk, capacity));
+        _chunk = Math.Max(1, Math.Min(kvSelect?.Chunk ?? chunk, capacity));
         _keyCache = new DeviceTensor[c.Layers];
         _valueCache = new DeviceTensor[c.Layers];
         try
@@ -98,7 +98,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             long workspace = CudaOps.AttentionDecodeWorkspaceElements(1, c.Heads, c.HeadDim, splits);
             _workspace = workspace > 0 ? Allocate("attn_workspace", DType.F32, checked((int)workspace)) : null;
             _decode = new Views(this, 1);
-            if (model.Model?.Options.KvSelect is { } select)
+            if (kvSelect is { } select)
             {
                 _selector = new CudaKvSelector(_device, select, 1, c.Layers, c.Heads, c.HeadDim, capacity);
             }
@@ -488,6 +488,18 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             CudaOps.Linear(_device, weights.Down, views.Gate, views.X, residual: views.X);
         }
         _length = start + count;
+    }
+
+    /// <summary>Benchmarks: fills every layer's KV cache with seeded uniform values and takes the first
+    /// <paramref name="length"/> positions as the context, without a prefill (long-context decode on random weights).</summary>
+    internal void FillCacheForBenchmark(int length, ulong seed)
+    {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(length, Capacity);
+        foreach (var tensor in _keyCache.Concat(_valueCache))
+        {
+            CudaOps.FillUniform(_device, tensor, seed++, 1f);
+        }
+        _length = length;
     }
 
     private void FreeAll()

@@ -98,10 +98,11 @@ public static partial class CudaOps
     /// the chunk's start), writes <paramref name="layer"/>'s index list for the attention hook. <paramref name="maxContext"/>
     /// bounds contexts[b] on the host and sizes the grids (a bound of the capacity serves a captured graph).
     /// <paramref name="useCache"/>: whether a query similar to the layer's last selection reuses it. Enqueues up to 12
-    /// kernels; never synchronises.
+    /// kernels; never synchronises. <paramref name="scoresOnly"/> (benchmarks) stops after the score kernel: the index list
+    /// is then not written.
     /// </summary>
     public static void KvSelect(CudaDevice device, DeviceTensor q, DeviceTensor keyCache, DeviceTensor contexts, int maxContext, KvSelectOptions options,
-        bool useCache, KvSelectScratch scratch, KvSelectLayerTensors layer, nint stream = 0)
+        bool useCache, KvSelectScratch scratch, KvSelectLayerTensors layer, nint stream = 0, bool scoresOnly = false)
     {
         const string op = "kv_select";
         ArgumentNullException.ThrowIfNull(options);
@@ -159,12 +160,12 @@ public static partial class CudaOps
             throw new ArgumentException($"{op}: a GQA group of {heads / kvHeads} heads at head_dim {headDim} needs {groupBytes} bytes of shared memory (at most {DecodeSharedBudget})");
         }
         LaunchKvSelect(device, Suffix(q.DType), q.Address, keyCache.Address, contexts.Address, maxContext, options, useCache && options.UsesCache, scratch,
-            layer, batch, tokens, heads, kvHeads, headDim, capacity, stream);
+            layer, batch, tokens, heads, kvHeads, headDim, capacity, stream, scoresOnly);
     }
 
     private static void LaunchKvSelect(CudaDevice device, string suffix, ulong q, ulong keyCache, ulong contexts, int maxContext, KvSelectOptions options,
         bool useCache, KvSelectScratch scratch, KvSelectLayerTensors layer, int batch, int tokens, int heads, int kvHeads, int headDim, int capacity,
-        nint stream)
+        nint stream, bool scoresOnly)
     {
         if (batch == 0)
         {
@@ -216,6 +217,10 @@ public static partial class CudaOps
             int shared = heads / kvHeads * (headDim + KvSelectTile) * 4;
             device.Backend.Launch(device.Function(KernelName("kv_select_score", suffix)), new Dim3(gridTiles, kvHeads, batch), new Dim3(KvSelectScoreThreads),
                 shared, stream, a.Pointers);
+            if (scoresOnly)
+            {
+                return;
+            }
 
             a = new KernelArguments(values, pointers);
             a.Add(contexts);
