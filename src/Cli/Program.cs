@@ -26,6 +26,7 @@ public static class Program
         root.Subcommands.Add(GenerateCommand("run", "Generate a story from the embedded default model (tiny-stories) and print tokens/s.", embeddedDefault: true, output, errors));
         root.Subcommands.Add(GenerateCommand("generate", "Generate text from a Hugging Face model folder.", embeddedDefault: false, output, errors));
         root.Subcommands.Add(InfoCommand(output, errors));
+        root.Subcommands.Add(NeedleCommand.Create(output, errors));
         root.Subcommands.Add(ScoreCommand.Create(output, errors));
         root.Subcommands.Add(DoctorCommand.Create(output));
         return root;
