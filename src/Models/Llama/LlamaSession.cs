@@ -75,7 +75,7 @@ public sealed class LlamaSession : IDecoderSession
     public KvCache Cache => _cache;
 
     /// <summary>Bytes this session holds: KV cache plus activations.</summary>
-    public long ByteLength => _cache.ByteLength + _buffers.Sum(buffer => buffer.ByteLength);
+    public long ByteLength => _cache.ByteLength + _buffers.Sum(buffer => buffer.ByteLength) + (_selector?.ByteLength ?? 0);
 
     public ActivationObserver? Observer { get; set; }
 

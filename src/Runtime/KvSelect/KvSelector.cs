@@ -66,6 +66,9 @@ public sealed unsafe class KvSelector
 
     public KvSelectStatistics Statistics => new(_selections, _hits, _full);
 
+    /// <summary>Bytes of the selector's buffers (scores, votes, per-layer lists and cached queries).</summary>
+    public long ByteLength => 4L * (_scores.LongLength + _votes.Length + _query.Length + _cachedQuery.Sum(q => (long)q.Length) + _indices.Sum(i => (long)i.Length));
+
     /// <summary>The soft votes of the layer's last new selection, candidate c at c - init (for tests and reports).</summary>
     public ReadOnlySpan<float> LastVotes(int context) => _votes.AsSpan(0, Math.Max(0, context - Options.Initial - Options.Local));
 
@@ -155,10 +158,15 @@ public sealed unsafe class KvSelector
         return normA > 0 && normB > 0 && dot >= threshold * MathF.Sqrt(normA) * MathF.Sqrt(normB);
     }
 
-    /// <summary>Per head the softmax of the candidates' scores (in parallel over heads), then their sum over heads.</summary>
+    /// <summary>Candidates per work item of the score job.</summary>
+    private const int ScoreBlock = 512;
+
+    /// <summary>The scores (in parallel over KV heads x blocks of candidates: each key row is read once for its whole GQA
+    /// group), then per head the softmax over the candidates, then their sum over heads.</summary>
     private void Votes(KvCache cache, int layer, int context)
     {
         int candidates = context - Options.Initial - Options.Local;
+        int blocks = (candidates + ScoreBlock - 1) / ScoreBlock;
         fixed (float* query = _query, scores = _scores)
         {
             _job.Query = query;
@@ -166,16 +174,28 @@ public sealed unsafe class KvSelector
             _job.Cache = cache;
             _job.Layer = layer;
             _job.Candidates = candidates;
-            _pool.Run(_job, _heads, 1);
+            _job.Blocks = blocks;
+            _pool.Run(_job, _kvHeads * blocks, 1);
             _job.Cache = null;
             _job.Query = null;
             _job.Scores = null;
         }
         var votes = _votes.AsSpan(0, candidates);
-        _scores.AsSpan(0, candidates).CopyTo(votes);
-        for (int h = 1; h < _heads; h++)
+        for (int h = 0; h < _heads; h++)
         {
-            TensorPrimitives.Add(votes, _scores.AsSpan(h * Capacity, candidates), votes);
+            var row = _scores.AsSpan(h * Capacity, candidates);
+            float max = TensorPrimitives.Max(row);
+            TensorPrimitives.Subtract(row, max, row);
+            TensorPrimitives.Exp(row, row);
+            float inverse = 1f / TensorPrimitives.Sum(row);
+            if (h == 0)
+            {
+                TensorPrimitives.Multiply(row, inverse, votes);
+            }
+            else
+            {
+                TensorPrimitives.MultiplyAdd(row, inverse, votes, votes);
+            }
         }
     }
 
@@ -186,6 +206,7 @@ public sealed unsafe class KvSelector
         public KvCache? Cache;
         public int Layer;
         public int Candidates;
+        public int Blocks;
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public override void Execute(int begin, int end, int worker)
@@ -193,20 +214,21 @@ public sealed unsafe class KvSelector
             int headDim = selector._headDim;
             int group = selector._heads / selector._kvHeads;
             float scale = 1f / MathF.Sqrt(headDim);
-            for (int h = begin; h < end; h++)
+            for (int item = begin; item < end; item++)
             {
-                var query = new ReadOnlySpan<float>(Query + (long)h * headDim, headDim);
-                float* keys = Cache!.Keys(Layer, h / group) + (long)selector.Options.Initial * headDim;
-                var row = new Span<float>(Scores + (long)h * selector.Capacity, Candidates);
-                for (int c = 0; c < Candidates; c++)
+                int kv = item / Blocks;
+                int first = item % Blocks * ScoreBlock;
+                int last = Math.Min(Candidates, first + ScoreBlock);
+                float* keys = Cache!.Keys(Layer, kv) + (long)selector.Options.Initial * headDim;
+                for (int c = first; c < last; c++)
                 {
-                    row[c] = TensorPrimitives.Dot(query, new ReadOnlySpan<float>(keys + (long)c * headDim, headDim)) * scale;
+                    var key = new ReadOnlySpan<float>(keys + (long)c * headDim, headDim);
+                    for (int g = 0; g < group; g++)
+                    {
+                        int h = kv * group + g;
+                        Scores[(long)h * selector.Capacity + c] = TensorPrimitives.Dot(new ReadOnlySpan<float>(Query + (long)h * headDim, headDim), key) * scale;
+                    }
                 }
-                float max = TensorPrimitives.Max(row);
-                TensorPrimitives.Subtract(row, max, row);
-                TensorPrimitives.Exp(row, row);
-                float sum = TensorPrimitives.Sum(row);
-                TensorPrimitives.Multiply(row, 1f / sum, row);
             }
         }
     }
