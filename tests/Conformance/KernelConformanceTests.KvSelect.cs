@@ -10,7 +10,7 @@ namespace KernelLM.Tests.Conformance;
 /// TokenSelect (kernels/kv_select.cu on the CUDA devices, KvSelector on the CPU) against the fp64 ReferenceKvSelect:
 /// the soft votes within Tolerances.KvSelectVote, the index list's frame (init, local, count, ascending), the middle
 /// part an exact top-k of the device's own votes (ties to the lower position) that agrees with the reference's top-k
-/// wherever the reference's margin exceeds the tolerance; GQA groups of 1, 4 and 5, head_dim 32/64/128, a batch whose
+/// wherever the reference's margin exceeds the tolerance; GQA groups of 1, 3, 4, 5 and 16, head_dim 32/64/80/96/128 (80 and 96 leave lanes of a row idle), a batch whose
 /// second sequence is too short to select (full list), prefill (mean of several query rows), the planted needles and the
 /// selection cache.
 /// </summary>
@@ -25,6 +25,8 @@ public sealed partial class KernelConformanceTests
             (4, 4, 32, 2, 2100, 1, 333, 0, 1),
             (10, 2, 64, 1, 600, 7, 50, 8, 8),
             (8, 8, 64, 1, 400, 3, 300, 2, 2),
+            (12, 4, 80, 1, 500, 1, 40, 4, 8),
+            (16, 1, 96, 1, 300, 2, 20, 0, 4),
         }
         select new object[]
         {
