@@ -410,7 +410,15 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
     {
         using var tensor = Upload("x", dtype, x, x.Length / (heads * headDim), heads, headDim);
         using var frequencies = Upload("inv_freq", DType.F32, inverseFrequencies, inverseFrequencies.Length);
-        CudaOps.Rope(device, tensor, heads, frequencies, start);
+        if (start == 0)
+        {
+            CudaOps.Rope(device, tensor, heads, frequencies, start);
+            return Read(tensor);
+        }
+        // A non-zero start goes through the device-memory position (the CUDA graph path): start_at + 7.
+        using var startAt = device.Allocate("start_at", DType.I32, 1);
+        startAt.Upload<int>([start - 7]);
+        CudaOps.Rope(device, tensor, heads, frequencies, startAt, 7);
         return Read(tensor);
     }
 

@@ -244,9 +244,14 @@ public sealed class CudaLlamaModel : IDisposable
 
     private DeviceTensor? OptionalVector(string name, float[] values) => values.Length == 0 ? null : UploadVector(name, values);
 
-    /// <summary>A new sequence with its own device KV cache of <paramref name="capacity"/> tokens (0 = the model's context).</summary>
-    public CudaLlamaSession CreateSession(int capacity = 0) =>
-        new(this, capacity > 0 ? Math.Min(capacity, ContextLength) : ContextLength, PrefillChunk);
+    /// <summary>A new sequence with its own device KV cache of <paramref name="capacity"/> tokens (0 = the model's context).
+    /// <paramref name="cudaGraphs"/>: capture the decode step as CUDA graphs (null: yes unless KERNELLM_CUDA_GRAPHS=0).</summary>
+    public CudaLlamaSession CreateSession(int capacity = 0, bool? cudaGraphs = null) =>
+        new(this, capacity > 0 ? Math.Min(capacity, ContextLength) : ContextLength, PrefillChunk, cudaGraphs ?? CudaGraphsByDefault);
+
+    /// <summary>Whether sessions capture their decode step as CUDA graphs unless told: yes, unless the environment
+    /// variable KERNELLM_CUDA_GRAPHS is "0".</summary>
+    public static bool CudaGraphsByDefault => Environment.GetEnvironmentVariable("KERNELLM_CUDA_GRAPHS") != "0";
 
     private void FreeAll()
     {

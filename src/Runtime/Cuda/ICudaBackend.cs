@@ -75,6 +75,20 @@ public interface ICudaBackend : IDisposable
 
     /// <summary>Enqueues a launch on the stream; never synchronises (except the debug switch).</summary>
     void Launch(nint function, Dim3 grid, Dim3 block, int dynamicSharedBytes, nint stream, ReadOnlySpan<nint> arguments);
+
+    /// <summary>Starts recording the work enqueued on <paramref name="stream"/> (a created stream, never 0) into a graph
+    /// instead of running it (thread-local capture mode). Host copies and synchronisations of that stream, work on the
+    /// legacy default stream, and device allocation on this thread are refused until <see cref="EndCapture"/>.</summary>
+    void BeginCapture(nint stream);
+
+    /// <summary>Ends the capture and instantiates what was recorded: an executable graph for <see cref="LaunchGraph"/>.
+    /// Throws (and ends the capture) when a refused call invalidated it.</summary>
+    nint EndCapture(nint stream);
+
+    /// <summary>Enqueues the graph's work on <paramref name="stream"/>, with the argument values captured.</summary>
+    void LaunchGraph(nint graph, nint stream);
+
+    void DestroyGraph(nint graph);
 }
 
 /// <summary>A CUDA driver, NVRTC, cuBLAS or emulator failure: the API's enum name, its own error string,
