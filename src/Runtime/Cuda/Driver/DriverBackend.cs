@@ -276,6 +276,7 @@ public sealed partial class DriverBackend : ICudaBackend
         cuCtxSetCurrent(_context.DangerousGetHandle());
         cuCtxSynchronize();
         DestroyGraphs();
+        DestroyCublas();
         foreach (var (address, bytes) in allocations)
         {
             cuMemFree_v2(address);
