@@ -85,6 +85,10 @@ public sealed class CudaSessionTests(string deviceName)
         using var cpu = model.CreateSession();
         using var uploaded = CudaLlamaModel.Upload(model, _device);
         using var cuda = uploaded.CreateSession();
+        long matrixBytes = model.Layers.Sum(l => l.Query.ByteLength + l.Key.ByteLength + l.Value.ByteLength + l.Output.ByteLength
+                                                 + l.Gate.ByteLength + l.Up.ByteLength + l.Down.ByteLength)
+                           + model.Embedding.ByteLength + (spec.TieWordEmbeddings ? 0 : model.LmHead.ByteLength);
+        Assert.That(uploaded.UploadedBytes, Is.EqualTo(matrixBytes), "every matrix went up through the staging buffers, once");
 
         var expected = new float[prompt.Length * vocabulary];
         var actual = new float[prompt.Length * vocabulary];

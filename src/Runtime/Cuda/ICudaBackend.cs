@@ -89,6 +89,21 @@ public interface ICudaBackend : IDisposable
     void LaunchGraph(nint graph, nint stream);
 
     void DestroyGraph(nint graph);
+
+    /// <summary>Page-locked host memory (cuMemHostAlloc): copies from it run asynchronously, overlapping host work.</summary>
+    nint AllocatePinned(long bytes);
+
+    void FreePinned(nint host);
+
+    /// <summary>Enqueues a copy from page-locked memory (<see cref="AllocatePinned"/>) to the device. The source must
+    /// stay unchanged until the stream, or an event recorded after the copy, has been synchronised.</summary>
+    void CopyPinnedToDevice(ulong destination, nint source, long bytes, nint stream);
+
+    /// <summary>An event recorded on <paramref name="stream"/> after the work enqueued so far; pass it once to
+    /// <see cref="SynchronizeEvent"/>, which waits for that work and releases the event.</summary>
+    nint RecordEvent(nint stream);
+
+    void SynchronizeEvent(nint @event);
 }
 
 /// <summary>A CUDA driver, NVRTC, cuBLAS or emulator failure: the API's enum name, its own error string,

@@ -277,6 +277,7 @@ public sealed partial class DriverBackend : ICudaBackend
         cuCtxSynchronize();
         DestroyGraphs();
         DestroyCublas();
+        FreePinnedBuffers();
         foreach (var (address, bytes) in allocations)
         {
             cuMemFree_v2(address);

@@ -120,6 +120,7 @@ public sealed unsafe partial class EmulatorBackend
             ThrowIfDisposed();
             CheckStream(stream);
             RefuseDuringCapture(stream, "LaunchGraph");
+            DrainCopies();
             if (!_graphs.TryGetValue(graph, out var nodes))
             {
                 throw new CudaException($"LaunchGraph: 0x{graph:x} is not a live graph of this device", EmulatorErrors.InvalidHandle);

@@ -127,6 +127,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             RefuseAllocationDuringCapture("Free");
+            DrainCopies();
             var (allocation, damage) = _heap.Free(address);
             EmulatorMemoryCounters.Add(-allocation.Bytes, -1);
             if (damage is not null)
@@ -153,6 +154,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             ThrowIfDisposed();
             CheckStream(stream);
             RefuseDuringCapture(stream, "CopyHostToDevice");
+            DrainCopies();
             byte* target = _heap.Resolve(destination, source.Length, "CopyHostToDevice");
             source.CopyTo(new Span<byte>(target, source.Length));
         }
@@ -165,6 +167,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             ThrowIfDisposed();
             CheckStream(stream);
             RefuseDuringCapture(stream, "CopyDeviceToHost");
+            DrainCopies();
             byte* origin = _heap.Resolve(source, destination.Length, "CopyDeviceToHost");
             new ReadOnlySpan<byte>(origin, destination.Length).CopyTo(destination);
         }
@@ -176,6 +179,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             CheckStream(stream);
+            DrainCopies();
             byte* origin = _heap.Resolve(source, bytes, "CopyDeviceToDevice (source)");
             byte* target = _heap.Resolve(destination, bytes, "CopyDeviceToDevice (destination)");
             if (Captured(stream, "CopyDeviceToDevice") is { } nodes)
@@ -193,6 +197,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             CheckStream(stream);
+            DrainCopies();
             byte* target = _heap.Resolve(destination, bytes, "Memset");
             if (Captured(stream, "Memset") is { } nodes)
             {
@@ -234,6 +239,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             ThrowIfDisposed();
             CheckStream(stream);
             RefuseDuringCapture(stream, "Synchronize");
+            DrainCopies();
         }
     }
 
@@ -292,6 +298,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             CheckStream(stream);
             var kernel = Resolve(function);
             Validate(kernel, grid, block, dynamicSharedBytes, arguments);
+            DrainCopies();
             if (Captured(stream, "Launch") is { } nodes)
             {
                 nodes.Add(GraphNode.Launch(kernel, grid, block, dynamicSharedBytes, arguments));
@@ -364,6 +371,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             {
                 module.Dispose();
             }
+            FreePinnedBuffers();
             // Like destroying a CUDA context: what is still allocated goes with it.
             EmulatorMemoryCounters.Add(-_heap.Live.Sum(allocation => allocation.Bytes), -_heap.LiveCount);
             _heap.Clear();
