@@ -30,7 +30,7 @@ internal sealed class KvSelectOption
         if (model.KvSelectStatistics is { } statistics)
         {
             errors.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"[kv-select {model.KvSelectOptions}: {statistics.Selections} selections, {statistics.CacheHits} cache hits ({statistics.HitRate:P1}), {statistics.FullSteps} full-attention layer steps]"));
+                $"[kv-select {model.KvSelectOptions}: {statistics.Selections} selections, {statistics.CacheHits} cache hits ({statistics.HitRate:P1}) over the layer steps long enough to select]"));
         }
     }
 }

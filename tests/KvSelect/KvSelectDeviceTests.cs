@@ -14,7 +14,7 @@ namespace KernelLM.Tests.KvSelect;
 /// <summary>
 /// TokenSelect in whole models on the CUDA path (the emulated device executes the real kernels; the real GPU when one
 /// exists): the CPU and device sessions select alike through prefill chunks (mean query) and decode steps, with the
-/// cache off and on (same counts); a device decode step with selection allocates nothing; the list the kernels write
+/// cache off and on (same counts), with the decode step captured as CUDA graphs (selection inside) and without; a device decode step with selection allocates nothing; the list the kernels write
 /// for a context too short to select, launched with a capacity-sized bound as a captured decode step would, gives
 /// full attention.
 /// </summary>
@@ -44,9 +44,10 @@ public sealed class KvSelectDeviceTests(string deviceName)
     [TearDown]
     public void DeleteDirectory() => Directory.Delete(_directory, recursive: true);
 
-    [TestCase(1f)]
-    [TestCase(0.3f)]
-    public void Cpu_and_device_sessions_select_alike(float cacheThreshold)
+    [TestCase(1f, true)]
+    [TestCase(0.3f, true)]
+    [TestCase(0.3f, false)]
+    public void Cpu_and_device_sessions_select_alike(float cacheThreshold, bool cudaGraphs)
     {
         // An fp32 model: both sides differ only in summation order, so the votes agree to a few ulp and so do the lists.
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 21 });
@@ -54,7 +55,7 @@ public sealed class KvSelectDeviceTests(string deviceName)
         using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 2, ContextLength = 96, KvSelect = select });
         using var cpu = model.CreateSession();
         using var uploaded = CudaLlamaModel.Upload(model, _device);
-        using var cuda = uploaded.CreateSession();
+        using var cuda = uploaded.CreateSession(cudaGraphs: cudaGraphs);
         int vocabulary = model.Config.VocabularySize;
         // 40 prompt tokens: chunks at 0 (too short to select), 16 and 32 (select with the chunk's mean query).
         int[] prompt = Enumerable.Range(0, 40).Select(i => (i * 37 + 11) % vocabulary).ToArray();
@@ -75,6 +76,7 @@ public sealed class KvSelectDeviceTests(string deviceName)
         TestContext.Out.WriteLine($"cache {cacheThreshold}: max |cpu - cuda| = {worst:E3}; cpu {cpuCounts}; cuda {cudaCounts}");
         Assert.That((cudaCounts.Selections, cudaCounts.CacheHits), Is.EqualTo((cpuCounts.Selections, cpuCounts.CacheHits)), "same selections and hits");
         Assert.That(cpuCounts.Selections, Is.GreaterThan(0));
+        Assert.That(cuda.CapturedGraphs, cudaGraphs ? Is.GreaterThan(0) : Is.Zero, "the decode steps (selection included) ran as captured graphs");
         if (cacheThreshold < 1f)
         {
             Assert.That(cpuCounts.CacheHits, Is.GreaterThan(0), "a low threshold hits");
@@ -147,6 +149,6 @@ public sealed class KvSelectDeviceTests(string deviceName)
         Assert.That(selector.Layer(0).IndexCounts.Download<int>(), Is.EqualTo(new[] { length }));
         Assert.That(selector.Layer(0).Indices.Download<int>()[..length], Is.EqualTo(Enumerable.Range(0, length).ToArray()));
         Assert.That(listed.Download<float>(), Is.EqualTo(plain.Download<float>()), "the full list is full attention");
-        Assert.That(selector.Statistics(), Is.EqualTo(new KvSelectStatistics(0, 0, 0)), "nothing selected, nothing hit");
+        Assert.That(selector.Statistics(), Is.EqualTo(new KvSelectStatistics(0, 0)), "nothing selected, nothing hit");
     }
 }

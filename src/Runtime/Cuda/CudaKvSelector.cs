@@ -15,7 +15,6 @@ public sealed class CudaKvSelector : IDisposable
     private readonly List<DeviceTensor> _owned = [];
     private readonly KvSelectLayerTensors[] _layers;
     private readonly KvSelectScratch _scratch;
-    private long _fullSteps;
     private bool _disposed;
 
     public CudaKvSelector(CudaDevice device, KvSelectOptions options, int batch, int layers, int heads, int headDim, int capacity)
@@ -63,7 +62,6 @@ public sealed class CudaKvSelector : IDisposable
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (!Options.Selects(maxContext))
         {
-            _fullSteps++;
             return default;
         }
         var tensors = _layers[layer];
@@ -79,7 +77,6 @@ public sealed class CudaKvSelector : IDisposable
         {
             CudaOps.KvSelectReset(layer);
         }
-        _fullSteps = 0;
     }
 
     /// <summary>Counts summed over layers and sequences (reads the states back: synchronises; not for the decode loop).</summary>
@@ -96,7 +93,7 @@ public sealed class CudaKvSelector : IDisposable
                 selections += state[b * CudaOps.KvSelectStateFields + CudaOps.KvSelectSelectionsField];
             }
         }
-        return new KvSelectStatistics(selections, hits, _fullSteps);
+        return new KvSelectStatistics(selections, hits);
     }
 
     private void FreeAll()

@@ -139,9 +139,10 @@ public sealed record KvSelectOptions
             : throw new InvalidParameterException("kv-select", $"{key}={value} is not a number");
 }
 
-/// <summary>Counts of a selector since its last reset, summed over layers: <see cref="Selections"/> new selections,
-/// <see cref="CacheHits"/> steps that reused the cached one, <see cref="FullSteps"/> steps too short to select.</summary>
-public readonly record struct KvSelectStatistics(long Selections, long CacheHits, long FullSteps)
+/// <summary>Counts of a selector since its last reset, summed over layers (and sequences): <see cref="Selections"/> new
+/// selections, <see cref="CacheHits"/> steps that reused the cached one. Steps too short to select are not counted (on
+/// the device they may run inside a replayed CUDA graph, where the host sees nothing).</summary>
+public readonly record struct KvSelectStatistics(long Selections, long CacheHits)
 {
     /// <summary>Hits over the steps that could have hit (selections + hits); 0 when there were none.</summary>
     public double HitRate => Selections + CacheHits == 0 ? 0 : (double)CacheHits / (Selections + CacheHits);

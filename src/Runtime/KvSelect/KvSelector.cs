@@ -29,7 +29,6 @@ public sealed unsafe class KvSelector
     private readonly int[] _histogram = new int[256];
     private long _selections;
     private long _hits;
-    private long _full;
 
     public KvSelector(KvSelectOptions options, int layers, int heads, int kvHeads, int headDim, int capacity, CpuWorkerPool? pool = null)
     {
@@ -64,7 +63,7 @@ public sealed unsafe class KvSelector
 
     public int Capacity { get; }
 
-    public KvSelectStatistics Statistics => new(_selections, _hits, _full);
+    public KvSelectStatistics Statistics => new(_selections, _hits);
 
     /// <summary>Bytes of the selector's buffers (scores, votes, per-layer lists and cached queries).</summary>
     public long ByteLength => 4L * (_scores.LongLength + _votes.Length + _query.Length + _cachedQuery.Sum(q => (long)q.Length) + _indices.Sum(i => (long)i.Length));
@@ -77,7 +76,7 @@ public sealed unsafe class KvSelector
     {
         Array.Clear(_valid);
         Array.Clear(_counts);
-        _selections = _hits = _full = 0;
+        _selections = _hits = 0;
     }
 
     /// <summary>
@@ -102,7 +101,6 @@ public sealed unsafe class KvSelector
         if (!options.Selects(context))
         {
             _valid[layer] = false;
-            _full++;
             positions = default;
             return false;
         }
