@@ -30,10 +30,11 @@
 //
 // Launch order (one stream; every kernel but the first reads `state` and does nothing when the step does not select):
 //   kv_select_begin_<T>         grid (batch), 256 threads: mean q, cosine test, state, zero the histogram
-//   kv_select_score_<T>         grid (max_tiles, kv_heads, batch), 128 threads: scores of KV_SELECT_TILE candidates for
+//   kv_select_score_<T>         grid (tile blocks, kv_heads, batch), 128 threads, grid-stride over tiles of KV_SELECT_TILE
+//                               candidates (the launcher caps the blocks at 8 per SM): scores of a tile for
 //                               every query head of one KV head (each key row is read once per GQA group): a warp reads
 //                               32 / R rows per step with 16-byte loads (R = lanes per row, the row's 16-byte vectors
-//                               rounded up to a power of two), each lane dots its vectors with every head's query
+//                               rounded up to a power of two; the lane's vector is loaded once), each lane dots it with every head's query
 //                               (shared memory, f32), R-lane shuffle sums; the tile's scores are staged in shared memory,
 //                               written coalesced, and reduced to the per-head partial (max, sum exp)
 //   kv_select_softmax           grid (heads, batch), 256 threads: merges the partials into (M_h, S_h)
@@ -171,15 +172,12 @@ __device__ __forceinline__ void kv_select_score(const T* __restrict__ q, const T
     constexpr int VEC = 16 / (int)sizeof(T);
     const int b = blockIdx.z;
     const int kv = blockIdx.y;
-    const int tile = blockIdx.x;
     const int n = contexts[b];
     const int candidates = n - n_init - n_local;
-    if (state[(long)b * KV_SELECT_STATE + KV_SELECT_ACTIVE] == 0 || tile * KV_SELECT_TILE >= candidates) {
+    if (state[(long)b * KV_SELECT_STATE + KV_SELECT_ACTIVE] == 0 || (int)blockIdx.x * KV_SELECT_TILE >= candidates) {
         return;                                                  // uniform over the block
     }
     const int group = heads / kv_heads;
-    const int first = tile * KV_SELECT_TILE;                     // candidate index of the tile's first row
-    const int rows = min(KV_SELECT_TILE, candidates - first);
     KLM_DYNAMIC_SHARED(float, shared);
     float* q_s = shared;                                         // [group, head_dim] mean query, f32
     float* s_s = shared + group * head_dim;                      // [group, KV_SELECT_TILE] scores
@@ -205,56 +203,77 @@ __device__ __forceinline__ void kv_select_score(const T* __restrict__ q, const T
     }
     const int rows_per_warp = KLM_WARP_SIZE / lanes_per_row;
     const int sub = lane % lanes_per_row;
-    const T* keys = k_cache + (((long)b * kv_heads + kv) * capacity + n_init + first) * head_dim;
-    for (int base = warp * rows_per_warp; base < rows; base += warps * rows_per_warp) {   // uniform per warp
-        const int row = base + lane / lanes_per_row;
-        const bool valid = row < rows;
-        for (int g = 0; g < group; g++) {
-            float dot = 0.0f;
-            if (valid) {
-                for (int v = sub; v < vectors; v += lanes_per_row) {
-                    float k[VEC];
-                    kv_select_widen16(keys + (long)row * head_dim + v * VEC, k);
-                    const float* qg = q_s + g * head_dim + v * VEC;
+    const bool single = vectors <= lanes_per_row;                // one vector per lane: all but f32 at head_dim > 128
+    // Grid-stride over the tiles (the launcher caps the grid near a few waves), so that a step that does not select
+    // costs one short wave of blocks that exit at once.
+    for (int tile = blockIdx.x; tile * KV_SELECT_TILE < candidates; tile += gridDim.x) {   // uniform over the block
+        const int first = tile * KV_SELECT_TILE;                 // candidate index of the tile's first row
+        const int rows = min(KV_SELECT_TILE, candidates - first);
+        const T* keys = k_cache + (((long)b * kv_heads + kv) * capacity + n_init + first) * head_dim;
+        for (int base = warp * rows_per_warp; base < rows; base += warps * rows_per_warp) {   // uniform per warp
+            const int row = base + lane / lanes_per_row;
+            const bool valid = row < rows;
+            const bool owns = valid && sub < vectors;
+            float k_own[VEC];
+            if (single && owns) {
+                kv_select_widen16(keys + (long)row * head_dim + sub * VEC, k_own);   // the lane's key vector, loaded once
+            }
+            for (int g = 0; g < group; g++) {
+                float dot = 0.0f;
+                if (single) {
+                    if (owns) {
+                        const float* qg = q_s + g * head_dim + sub * VEC;
 #pragma unroll
-                    for (int e = 0; e < VEC; e++) {
-                        dot += k[e] * qg[e];
+                        for (int e = 0; e < VEC; e++) {
+                            dot += k_own[e] * qg[e];
+                        }
+                    }
+                } else if (valid) {
+                    for (int v = sub; v < vectors; v += lanes_per_row) {
+                        float k[VEC];
+                        kv_select_widen16(keys + (long)row * head_dim + v * VEC, k);
+                        const float* qg = q_s + g * head_dim + v * VEC;
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) {
+                            dot += k[e] * qg[e];
+                        }
                     }
                 }
-            }
-            for (int offset = lanes_per_row / 2; offset > 0; offset >>= 1) {
-                dot += __shfl_xor_sync(KLM_FULL_MASK, dot, offset);
-            }
-            if (valid && sub == 0) {
-                s_s[g * KV_SELECT_TILE + row] = dot * scale;
+                for (int offset = lanes_per_row / 2; offset > 0; offset >>= 1) {
+                    dot += __shfl_xor_sync(KLM_FULL_MASK, dot, offset);
+                }
+                if (valid && sub == 0) {
+                    s_s[g * KV_SELECT_TILE + row] = dot * scale;
+                }
             }
         }
-    }
-    __syncthreads();
+        __syncthreads();
 
-    // Coalesced writes of the tile's scores, and per head the tile's max and sum of exp(s - max).
-    for (int i = threadIdx.x; i < group * KV_SELECT_TILE; i += blockDim.x) {
-        int g = i / KV_SELECT_TILE, r = i % KV_SELECT_TILE;
-        if (r < rows) {
-            scores[((long)b * heads + kv * group + g) * capacity + first + r] = s_s[i];
+        // Coalesced writes of the tile's scores, and per head the tile's max and sum of exp(s - max).
+        for (int i = threadIdx.x; i < group * KV_SELECT_TILE; i += blockDim.x) {
+            int g = i / KV_SELECT_TILE, r = i % KV_SELECT_TILE;
+            if (r < rows) {
+                scores[((long)b * heads + kv * group + g) * capacity + first + r] = s_s[i];
+            }
         }
-    }
-    for (int g = warp; g < group; g += warps) {
-        float m = kv_select_negative_infinity();
-        for (int r = lane; r < rows; r += KLM_WARP_SIZE) {
-            m = fmaxf(m, s_s[g * KV_SELECT_TILE + r]);
+        for (int g = warp; g < group; g += warps) {
+            float m = kv_select_negative_infinity();
+            for (int r = lane; r < rows; r += KLM_WARP_SIZE) {
+                m = fmaxf(m, s_s[g * KV_SELECT_TILE + r]);
+            }
+            m = warp_reduce_max(m);
+            float sum = 0.0f;
+            for (int r = lane; r < rows; r += KLM_WARP_SIZE) {
+                sum += expf(s_s[g * KV_SELECT_TILE + r] - m);
+            }
+            sum = warp_reduce_sum(sum);
+            if (lane == 0) {
+                float* partial = partials + (((long)b * heads + kv * group + g) * max_tiles + tile) * 2;
+                partial[0] = m;
+                partial[1] = sum;
+            }
         }
-        m = warp_reduce_max(m);
-        float sum = 0.0f;
-        for (int r = lane; r < rows; r += KLM_WARP_SIZE) {
-            sum += expf(s_s[g * KV_SELECT_TILE + r] - m);
-        }
-        sum = warp_reduce_sum(sum);
-        if (lane == 0) {
-            float* partial = partials + (((long)b * heads + kv * group + g) * max_tiles + tile) * 2;
-            partial[0] = m;
-            partial[1] = sum;
-        }
+        __syncthreads();                                         // the next tile rewrites s_s
     }
 }
 

@@ -175,7 +175,9 @@ public static partial class CudaOps
         int maxCandidates = Math.Max(0, maxContext - options.Initial - options.Local);
         int scoreTiles = KvSelectScoreTiles(capacity);
         int countTiles = KvSelectCountTiles(capacity);
-        int gridTiles = Math.Max(1, (maxCandidates + KvSelectTile - 1) / KvSelectTile);
+        // The score kernel walks its tiles grid-stride: at most about 8 blocks per SM over the whole grid, so a step that does
+        // not select (a cache hit, a short sequence) costs one short wave.
+        int gridTiles = Math.Clamp((maxCandidates + KvSelectTile - 1) / KvSelectTile, 1, Math.Max(1, 8 * device.MultiprocessorCount / (kvHeads * batch)));
         int gridCountTiles = Math.Max(1, (maxCandidates + KvSelectCountTile - 1) / KvSelectCountTile);
         int gridVotes = Math.Max(1, (maxCandidates + KvSelectThreads - 1) / KvSelectThreads);
         Span<byte> values = stackalloc byte[KernelArguments.ValueBytes];
