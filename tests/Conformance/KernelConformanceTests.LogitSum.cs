@@ -13,7 +13,7 @@ public sealed partial class KernelConformanceTests
     /// <summary>
     /// The shapes of the logit composition: one row of the embedded model's 2048 and of Llama 3's 128256 logits; several
     /// rows of odd width whose members have padding rows past it (strides 1111 / 1120 / 1113); six members (two launches,
-    /// the second accumulating); the plausibility cut of contrastive decoding (alpha 0.1 and 0.5). Weights include
+    /// the second accumulating); the plausibility cut of contrastive decoding (alpha 0.1 and 0.5; once with member 0 padded past the width). Weights include
     /// negative ones (an amateur, an unconditional sequence).
     /// </summary>
     public static IEnumerable<TestCaseData> LogitSumCases() => Cases("logit_sum", device =>
@@ -27,6 +27,7 @@ public sealed partial class KernelConformanceTests
             cases.Add([dtype, P("rows", 2), P("width", 1000), "strides=1000,1000,1000,1000,1000,1003", "weights=1,0.5,-0.25,2,-1,0.125", "alpha=0"]);
             cases.Add([dtype, P("rows", 3), P("width", 1001), "strides=1001,1001", "weights=1,-1", "alpha=0.1"]);
             cases.Add([dtype, P("rows", 1), P("width", 32000), "strides=32000,32064", "weights=1,-1", "alpha=0.5"]);
+            cases.Add([dtype, P("rows", 2), P("width", 1001), "strides=1010,1001,1003", "weights=1,-1,0.5", "alpha=0.1"]);
         }
         return cases;
     });
