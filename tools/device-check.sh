@@ -53,6 +53,7 @@ run)
     run_suite report "FullyQualifiedName~Report_on_the_gpu"
     if [ -f "$out/report.json" ]; then
         cat "$out/report.txt" >>"$out/summary.txt"
+        [ -f "$out/composition.txt" ] && cat "$out/composition.txt" >>"$out/summary.txt"
     else
         echo "no report.json: no CUDA device here (see $out/report.log)" | tee -a "$out/summary.txt"
     fi
