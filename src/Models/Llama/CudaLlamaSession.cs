@@ -288,14 +288,21 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             }
             return AllLogits(tokens);
         }
-        Views views = _decode;
         for (int start = 0; start < tokens.Length; start += _chunk)
         {
             int count = Math.Min(_chunk, tokens.Length - start);
-            views = count == 1 ? _decode : new Views(this, count);
+            if (count == 1)
+            {
+                Decode(tokens[start]);   // leaves the logits in _decode.LastLogits
+                continue;
+            }
+            var views = new Views(this, count);
             ForwardChunk(tokens.Slice(start, count), views);
+            if (start + count == tokens.Length)
+            {
+                LastRowLogits(views);
+            }
         }
-        LastRowLogits(views);
         return _decode.LastLogits;
     }
 
