@@ -50,7 +50,7 @@ run)
     : >"$out/summary.txt"
     run_suite cuda "FullyQualifiedName~KernelLM.Tests.Cuda"
     run_suite conformance "FullyQualifiedName~Conformance"
-    run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder|FullyQualifiedName~CudaSessionTests"
+    run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder|FullyQualifiedName~CudaSessionTests|FullyQualifiedName~CompositionDeviceTests"
     run_suite report "FullyQualifiedName~Report_on_the_gpu"
     # TokenSelect: sessions with selection on the device, then its report (kv_select.json / .txt: attention per layer
     # step at 32K..1M with and without selection, the score kernel's GB/s, 8B decode tokens/s at 128K).
@@ -58,6 +58,7 @@ run)
     [ -f "$out/kv_select.txt" ] && cat "$out/kv_select.txt" >>"$out/summary.txt"
     if [ -f "$out/report.json" ]; then
         cat "$out/report.txt" >>"$out/summary.txt"
+        [ -f "$out/composition.txt" ] && cat "$out/composition.txt" >>"$out/summary.txt"
     else
         echo "no report.json: no CUDA device here (see $out/report.log)" | tee -a "$out/summary.txt"
     fi

@@ -78,14 +78,17 @@ public static class Program
         var device = new DeviceOptions();
         var reports = new ReportOptions();
         var kvSelect = new KvSelectOption();
+        var compose = new ComposeOptions();
         var command = new Command(name, description) { model, prompt, maxTokens, temperature, topK, topP, minP, repetition, seed, stop };
         device.AddTo(command);
         kvSelect.AddTo(command);
         reports.AddTo(command);
+        compose.AddTo(command);
         command.SetAction(result => Guard(result, errors, () =>
         {
             string directory = result.GetValue(model) ?? LanguageModel.DefaultModelDirectory;
             var report = reports.Read(result);
+            var composeRequest = compose.Read(result);
             var options = new GenerationOptions
             {
                 MaxNewTokens = result.GetValue(maxTokens),
@@ -104,6 +107,12 @@ public static class Program
             options.Validate();
             string text = result.GetValue(prompt) ?? DefaultPrompt;
             using var language = LoadWithProgress(directory, kvSelect.Apply(result, device.Read(result)), errors);
+            // Composition members keep full attention: the selection applies to the model the command names.
+            using var composition = composeRequest?.Build(language, member => LoadWithProgress(member, device.Read(result), errors, language));
+            if (composition is not null)
+            {
+                errors.WriteLine($"[composition: {composition.Description}]");
+            }
             var stats = new GenerationStats();
             var collector = report is null ? null : ReportRequest.Collect(language, text);
             output.Write(text);
@@ -117,7 +126,7 @@ public static class Program
             Console.CancelKeyPress += onCancel;
             try
             {
-                foreach (var token in language.Generate(text, options, stats, cancel.Token))
+                foreach (var token in composition?.Generate(text, options, stats, cancel.Token) ?? language.Generate(text, options, stats, cancel.Token))
                 {
                     collector?.Add(token);
                     output.Write(token.Text);

@@ -204,6 +204,13 @@ public sealed class LanguageModel : IDisposable
 
     internal long LoadOrder { get; } = Interlocked.Increment(ref s_loads);
 
+    /// <summary>A further sequence state on this model's weights and device (a composition member), owned by the caller.</summary>
+    internal IDecoderSession CreateSession()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        return _cudaModel is null ? Model.CreateSession() : _cudaModel.CreateSession();
+    }
+
     /// <summary>cpu, cuda or cuda-emulated for an option value; auto is CUDA when the driver reports a usable device.</summary>
     public static string ResolveDevice(string option) => option switch
     {

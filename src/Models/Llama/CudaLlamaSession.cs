@@ -29,7 +29,7 @@ namespace KernelLM.Models.Llama;
 /// so the two paths compute the same numbers bit for bit. KERNELLM_CUDA_GRAPHS=0 (or <c>cudaGraphs: false</c>)
 /// turns graphs off.
 /// </summary>
-public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDeviceSampler
+public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDeviceSampler, KernelLM.Runtime.Composition.IDeviceLogits
 {
     private readonly CudaLlamaModel _model;
     private readonly CudaDevice _device;
@@ -281,6 +281,41 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
                 Head(views, allRows: false, logits[..vocabulary]);
             }
         }
+    }
+
+    public CudaDevice LogitsDevice => _device;
+    public DType LogitsDType => _model.DType;
+    public int LogitsChunk => _chunk;
+
+    /// <summary>The forward of a composition member (IDeviceLogits): the logits stay in <c>_logits</c>, in the model dtype.</summary>
+    public DeviceTensor ForwardToDevice(ReadOnlySpan<int> tokens, bool allPositions)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        DecoderChecks.Tokens(tokens, _length, Capacity, _model.Config.VocabularySize);
+        if (allPositions)
+        {
+            if (tokens.Length > _chunk)
+            {
+                throw new ArgumentException($"every position's logits on the device: at most {_chunk} tokens at once, not {tokens.Length}", nameof(tokens));
+            }
+            return AllLogits(tokens);
+        }
+        for (int start = 0; start < tokens.Length; start += _chunk)
+        {
+            int count = Math.Min(_chunk, tokens.Length - start);
+            if (count == 1)
+            {
+                Decode(tokens[start]);   // leaves the logits in _decode.LastLogits
+                continue;
+            }
+            var views = new Views(this, count);
+            ForwardChunk(tokens.Slice(start, count), views);
+            if (start + count == tokens.Length)
+            {
+                LastRowLogits(views);
+            }
+        }
+        return _decode.LastLogits;
     }
 
     public bool CanReduce => _stats is not null;

@@ -295,7 +295,11 @@ public sealed class Scorer : IDisposable
     /// padding to -inf: the reduction needs both rows at one width anyway, and masked entries would still count
     /// in the V of the kurtosis' moments, making it depend on how much padding a head has.)
     /// </summary>
-    public static int CheckReference(LanguageModel model, LanguageModel reference)
+    public static int CheckReference(LanguageModel model, LanguageModel reference) => CheckReference(model, reference, "reference");
+
+    /// <summary>As <see cref="CheckReference(LanguageModel, LanguageModel)"/>, naming <paramref name="parameter"/> in its errors
+    /// (a composition's members: "compose").</summary>
+    public static int CheckReference(LanguageModel model, LanguageModel reference, string parameter)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(reference);
@@ -304,7 +308,7 @@ public sealed class Scorer : IDisposable
         int difference = mine.Vocabulary.FirstDifference(theirs.Vocabulary);
         if (difference >= 0)
         {
-            throw new InvalidParameterException("reference",
+            throw new InvalidParameterException(parameter,
                 $"{reference.Directory} does not share the tokenizer of {model.Directory}: token id {difference} is "
                 + $"{Describe(mine.Vocabulary[difference])} in {mine.FilePath} but {Describe(theirs.Vocabulary[difference])} in {theirs.FilePath}");
         }
@@ -312,7 +316,7 @@ public sealed class Scorer : IDisposable
         int[] theirsProbe = theirs.Encode(TokenizerProbe);
         if (!mineProbe.AsSpan().SequenceEqual(theirsProbe))
         {
-            throw new InvalidParameterException("reference",
+            throw new InvalidParameterException(parameter,
                 $"{reference.Directory} does not tokenize like {model.Directory} (same vocabulary; BOS handling: bos_token_id "
                 + $"{Describe(mine.BosTokenId)}, add_bos_token {Describe(mine.AddBos)} in {model.Directory}, bos_token_id {Describe(theirs.BosTokenId)}, "
                 + $"add_bos_token {Describe(theirs.AddBos)} in {reference.Directory}): \"{TokenizerProbe}\" encodes to "
@@ -327,7 +331,7 @@ public sealed class Scorer : IDisposable
         int tokenizerVocabulary = mine.Vocabulary.Size;
         if (Math.Min(modelVocabulary, referenceVocabulary) < tokenizerVocabulary)
         {
-            throw new InvalidParameterException("reference",
+            throw new InvalidParameterException(parameter,
                 $"vocab_size {modelVocabulary} in {model.Directory} and {referenceVocabulary} in {reference.Directory} differ, and not only "
                 + $"by padding rows past the tokenizer's {tokenizerVocabulary} tokens");
         }

@@ -314,9 +314,11 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         if (++_launchId > MaxLaunchId)
         {
             // The shadow holds the launch id in 10 bits: forget every earlier launch's writes.
-            foreach (var allocation in _heap.Live)
+            // Indexed, not foreach: an interface enumerator would allocate in a decode loop every 1023 launches.
+            var live = _heap.Live;
+            for (int i = 0; i < live.Count; i++)
             {
-                _runtime.Mark(_device.DangerousGetHandle(), allocation.Address - _heap.ArenaBase, (ulong)allocation.Bytes, true);
+                _runtime.Mark(_device.DangerousGetHandle(), live[i].Address - _heap.ArenaBase, (ulong)live[i].Bytes, true);
             }
             _launchId = 1;
         }
