@@ -12,7 +12,7 @@ namespace KernelLM.Tests.Conformance;
 /// part an exact top-k of the device's own votes (ties to the lower position) that agrees with the reference's top-k
 /// wherever the reference's margin exceeds the tolerance; GQA groups of 1, 3, 4, 5 and 16, head_dim 32/64/80/96/128 (80 and 96 leave lanes of a row idle), a batch whose
 /// second sequence is too short to select (full list), prefill (mean of several query rows), the planted needles and the
-/// selection cache.
+/// selection cache. A batch of 3 has one sequence too short to select and two that select over different contexts.
 /// </summary>
 public sealed partial class KernelConformanceTests
 {
@@ -21,6 +21,7 @@ public sealed partial class KernelConformanceTests
         from shape in new (int Heads, int KvHeads, int HeadDim, int Batch, int Context, int Tokens, int TopK, int Initial, int Local)[]
         {
             (8, 2, 64, 2, 700, 1, 64, 16, 32),
+            (8, 2, 64, 3, 900, 1, 64, 16, 32),
             (8, 2, 128, 1, 1500, 1, 100, 4, 16),
             (4, 4, 32, 2, 2100, 1, 333, 0, 1),
             (10, 2, 64, 1, 600, 7, 50, 8, 8),
@@ -39,8 +40,13 @@ public sealed partial class KernelConformanceTests
         int local)
     {
         var options = new KvSelectOptions { TopK = topK, Initial = initial, Local = local, CacheThreshold = 1f };
-        // The second sequence is too short to select: its list is every position.
-        int[] contexts = Enumerable.Range(0, batch).Select(b => b == 0 ? context : Math.Min(context, options.MaxIndices - 3)).ToArray();
+        // The second sequence is too short to select (its list is every position); a third selects over a shorter context.
+        int[] contexts = Enumerable.Range(0, batch).Select(b => b switch
+        {
+            0 => context,
+            1 => Math.Min(context, options.MaxIndices - 3),
+            _ => Math.Max(options.MaxIndices + 1, context * 3 / 4),
+        }).ToArray();
         int capacity = context + 5;
         var keys = OpBackend.Representable(dtype, Random(context + headDim, batch * kvHeads * capacity * headDim, 2));
         var q = OpBackend.Representable(dtype, Random(heads + context, batch * tokens * heads * headDim, 2));
