@@ -26,14 +26,15 @@ public sealed class DeviceModel : IDisposable
     private readonly CudaLlamaModel? _uploaded;
     private readonly string? _directory;
 
-    public DeviceModel(string deviceName, int seed = 11, CudaDevice? shareDevice = null)
+    /// <param name="synthetic">A synthetic model on the CPU too (a second model next to tiny-stories).</param>
+    public DeviceModel(string deviceName, int seed = 11, CudaDevice? shareDevice = null, bool synthetic = false)
     {
         if (deviceName == "cuda")
         {
             CudaTestSupport.RequireDevice();
         }
         string directory = TestPaths.TinyStories;
-        if (deviceName != "cpu")
+        if (deviceName != "cpu" || synthetic)
         {
             _directory = TestPaths.NewTemporaryDirectory("adaptive-model");
             directory = SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = seed });
