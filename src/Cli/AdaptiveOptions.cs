@@ -48,15 +48,15 @@ public sealed class AdaptiveOptions
             return null;
         }
         var settings = Parse(result.GetValue(Adaptive) ?? []);
-        float threshold = settings.Threshold ?? EntropyCalibration.Read(EntropyCalibration.PathFor(modelDirectory)).Threshold;
         var options = new AdaptiveDecodingOptions
         {
-            Threshold = threshold,
+            Threshold = settings.Threshold ?? 0,
             Beams = settings.Beams ?? AdaptiveDecodingOptions.DefaultBeams,
             Lookahead = settings.Lookahead ?? AdaptiveDecodingOptions.DefaultLookahead,
         };
         options.Validate();
-        return options;
+        // auto: the threshold calibrate-entropy saved beside the model.
+        return settings.Threshold is null ? options with { Threshold = EntropyCalibration.Read(EntropyCalibration.PathFor(modelDirectory)).Threshold } : options;
     }
 
     /// <summary>The routing options, or null without --draft-model; the draft's folder must exist.</summary>
