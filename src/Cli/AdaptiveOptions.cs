@@ -30,11 +30,23 @@ public sealed class AdaptiveOptions
         Description = "With --draft-model: entropy (nats) of the small model above which the large model produces the token",
     };
 
+    public Option<string> RouteAfter { get; } = new("--route-after")
+    {
+        Description = "With --draft-model: after the text ends with this delimiter (escapes such as \\n are read), the large model produces the next --route-tokens tokens",
+    };
+
+    public Option<int> RouteTokens { get; } = new("--route-tokens")
+    {
+        Description = "With --route-after: tokens the large model produces after the delimiter",
+    };
+
     public void AddTo(Command command)
     {
         command.Options.Add(Adaptive);
         command.Options.Add(DraftModel);
         command.Options.Add(RouteEntropy);
+        command.Options.Add(RouteAfter);
+        command.Options.Add(RouteTokens);
     }
 
     /// <summary>Whether --adaptive-decoding was given (with or without settings).</summary>
@@ -64,13 +76,19 @@ public sealed class AdaptiveOptions
     {
         string? draft = result.GetValue(DraftModel);
         float? entropy = result.GetValue(RouteEntropy);
+        string? after = result.GetValue(RouteAfter);
+        int tokens = result.GetValue(RouteTokens);
         if (draft is null)
         {
-            if (entropy is not null)
+            if (entropy is not null || after is not null || tokens != 0)
             {
-                throw new InvalidParameterException("--route-entropy", "goes with --draft-model");
+                throw new InvalidParameterException(entropy is not null ? "--route-entropy" : after is not null ? "--route-after" : "--route-tokens", "goes with --draft-model");
             }
             return null;
+        }
+        if ((after is null) != (tokens == 0))
+        {
+            throw new InvalidParameterException(after is null ? "--route-tokens" : "--route-after", "--route-after and --route-tokens go together");
         }
         if (entropy is null)
         {
@@ -80,7 +98,16 @@ public sealed class AdaptiveOptions
         {
             throw new InvalidParameterException("--draft-model", $"{draft}: no such folder");
         }
-        var options = new RoutingOptions { EntropyThreshold = entropy.Value };
+        string? delimiter;
+        try
+        {
+            delimiter = after is null ? null : System.Text.RegularExpressions.Regex.Unescape(after);
+        }
+        catch (ArgumentException error)
+        {
+            throw new InvalidParameterException("--route-after", $"'{after}': {error.Message}");
+        }
+        var options = new RoutingOptions { EntropyThreshold = entropy.Value, HandoverDelimiter = delimiter, HandoverTokens = tokens };
         options.Validate();
         return (draft, options);
     }
@@ -91,7 +118,7 @@ public sealed class AdaptiveOptions
         if (routing is not null)
         {
             output.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"[routing: small model {routing.SmallTokens} tokens, large model {routing.LargeTokens} tokens ({routing.CatchUpTokens} tokens prefilled to catch up)]"));
+                $"[routing: small model {routing.SmallTokens} tokens, large model {routing.LargeTokens} tokens ({routing.HandoverTokens} after a delimiter; {routing.CatchUpTokens} tokens prefilled to catch up)]"));
         }
         if (adaptive is not null && stats.Adaptive is { } done)
         {

@@ -113,12 +113,27 @@ public sealed class AdaptiveCliTests
             "--device", "cpu", "--temperature", "0", "--draft-model", _model, "--route-entropy", "0.5");
         Assert.That(routedExit, Is.Zero, routedErrors);
         Assert.That(routed.Split('\n')[0], Is.EqualTo(plain.Split('\n')[0]), "12 tokens: before golden.json's near tie at step 13");
-        Assert.That(routed, Does.Match(@"\[routing: small model \d+ tokens, large model \d+ tokens \(\d+ tokens prefilled to catch up\)\]"));
+        Assert.That(routed, Does.Match(@"\[routing: small model \d+ tokens, large model \d+ tokens \(0 after a delimiter; \d+ tokens prefilled to catch up\)\]"));
+    }
+
+    [Test]
+    public void The_delimiter_trigger_hands_the_next_tokens_to_the_large_model()
+    {
+        var (exitCode, output, errors) = Run("generate", "--model", TestPaths.TinyStories, "--prompt", "Once upon a time", "--max-tokens", "30",
+            "--device", "cpu", "--temperature", "0", "--draft-model", _model, "--route-entropy", "100", "--route-after", ".", "--route-tokens", "2");
+        Assert.That(exitCode, Is.Zero, errors);
+        var match = System.Text.RegularExpressions.Regex.Match(output, @"large model (\d+) tokens \((\d+) after a delimiter");
+        Assert.That(match.Success, Is.True, output);
+        Assert.That(match.Groups[2].Value, Is.EqualTo(match.Groups[1].Value), "entropy 100 never hands over: every large token follows a '.'");
+        Assert.That(int.Parse(match.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture), Is.GreaterThanOrEqualTo(2));
     }
 
     [Test]
     public void Routing_options_are_checked_before_loading()
     {
+        var (code, _, message) = Run(Generate("--draft-model", _model, "--route-entropy", "1", "--route-after", "\\n\\n"));
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(message, Does.Contain("--route-after and --route-tokens go together"));
         var (exitCode, _, errors) = Run(Generate("--route-entropy", "1"));
         Assert.That((exitCode, errors), Is.EqualTo((1, "error: invalid --route-entropy: goes with --draft-model" + Environment.NewLine)));
         (exitCode, _, errors) = Run(Generate("--draft-model", _model));

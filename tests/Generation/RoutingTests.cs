@@ -180,6 +180,47 @@ public sealed class RoutingCheckTests
     }
 
     [Test]
+    public void After_the_delimiter_the_large_model_produces_the_next_tokens_whatever_the_entropy()
+    {
+        static void Negated(IReadOnlyList<int> history, Span<float> row)
+        {
+            ScriptedSession.HashedLogits(history, row);
+            foreach (ref float value in row)
+            {
+                value = -value;
+            }
+        }
+        using var small = new ScriptedSession(48, 64);
+        using var large = new ScriptedSession(48, 64, Negated);
+        var stats = new RoutingStats();
+        var options = new RoutingOptions { EntropyThreshold = 1000, HandoverDelimiter = "\n\n", HandoverTokens = 2 };
+        using var routed = new RoutedSession(small, large, options, stats, new EosByteTokenizer());
+        var logits = new float[48];
+        var history = new List<int>();
+        var expected = new float[48];
+        void Step(int[] tokens, bool toLarge)
+        {
+            history.AddRange(tokens);
+            routed.Forward(tokens, logits);
+            (toLarge ? (Action<IReadOnlyList<int>, Span<float>>)Negated : ScriptedSession.HashedLogits)(history, expected);
+            Assert.That(logits, Is.EqualTo(expected), $"after [{string.Join(", ", history)}]: the {(toLarge ? "large" : "small")} model's row");
+        }
+        Step([1, 2, 3], toLarge: false);
+        Step([10], toLarge: false);   // "\n": half the delimiter
+        Step([10], toLarge: true);    // "\n\n": the large model takes this token and the next
+        Step([5], toLarge: true);
+        Step([6], toLarge: false);
+        Step([10, 10], toLarge: true); // the delimiter inside one feed
+        Assert.That((stats.SmallTokens, stats.LargeTokens, stats.HandoverTokens), Is.EqualTo((3, 3, 3)));
+        Assert.That(stats.CatchUpTokens, Is.EqualTo(large.ForwardedTokens));
+        Assert.That(large.ForwardedTokens, Is.EqualTo(history.Count), "each token once");
+
+        Assert.That(() => new RoutedSession(small, large, options), Throws.TypeOf<ArgumentNullException>().With.Message.Contains("tokenizer"));
+        Assert.That(() => new RoutedSession(small, large, options with { HandoverTokens = 0 }), Throws.TypeOf<InvalidParameterException>().With.Message.Contains("route-after"));
+        Assert.That(() => new RoutedSession(small, large, new RoutingOptions { HandoverTokens = 3 }), Throws.TypeOf<InvalidParameterException>().With.Message.Contains("route-tokens"));
+    }
+
+    [Test]
     public void A_draft_model_must_share_the_tokenizer_and_the_head_width()
     {
         string directory = TestPaths.NewTemporaryDirectory("routing-pair");

@@ -67,7 +67,7 @@ public static class RoutedGeneration
         using var second = (largeFirst ? draft : large).LeaseSession();
         var largeSession = largeFirst ? first.Session : second.Session;
         var draftSession = largeFirst ? second.Session : first.Session;
-        using var routed = new RoutedSession(draftSession, largeSession, routing, routingStats);
+        using var routed = new RoutedSession(draftSession, largeSession, routing, routingStats, large.Tokenizer);
         foreach (var token in Generator.Run(routed, large.Tokenizer, ids, options, stats, cancellation))
         {
             yield return token;

@@ -10,11 +10,28 @@ public sealed record RoutingOptions
     /// <summary>Entropy in nats of the small model's distribution above which the large model takes the token.</summary>
     public float EntropyThreshold { get; init; }
 
+    /// <summary>The second trigger ("speculative thinking"): after the text fed so far ends with this delimiter (e.g. a
+    /// blank line, "\n\n"), the large model produces the next <see cref="HandoverTokens"/> tokens whatever the entropy.
+    /// Null = off. Needs the tokenizer (<see cref="RoutedSession"/>'s constructor).</summary>
+    public string? HandoverDelimiter { get; init; }
+
+    /// <summary>Tokens the large model produces after the delimiter (1..4096 when a delimiter is set).</summary>
+    public int HandoverTokens { get; init; }
+
     public void Validate()
     {
         if (!float.IsFinite(EntropyThreshold) || EntropyThreshold < 0)
         {
             throw new InvalidParameterException("route-entropy", $"{EntropyThreshold} (must be a finite entropy >= 0 nats)");
+        }
+        if (HandoverDelimiter is not null && (HandoverDelimiter.Length == 0 || HandoverTokens < 1 || HandoverTokens > 4096))
+        {
+            throw new InvalidParameterException("route-after",
+                HandoverDelimiter.Length == 0 ? "the delimiter is empty" : $"hands over for {HandoverTokens} tokens (must be 1..4096)");
+        }
+        if (HandoverDelimiter is null && HandoverTokens != 0)
+        {
+            throw new InvalidParameterException("route-tokens", "goes with a delimiter (--route-after)");
         }
     }
 }
@@ -31,11 +48,15 @@ public sealed class RoutingStats
     /// <summary>Tokens the large model prefilled to catch up its KV cache (the prompt among them on its first turn).</summary>
     public int CatchUpTokens { get; internal set; }
 
+    /// <summary>Of <see cref="LargeTokens"/>, those handed over by the delimiter trigger (whatever the entropy).</summary>
+    public int HandoverTokens { get; internal set; }
+
     internal void Clear()
     {
         SmallTokens = 0;
         LargeTokens = 0;
         CatchUpTokens = 0;
+        HandoverTokens = 0;
     }
 }
 
@@ -56,9 +77,14 @@ public sealed class RoutedSession : IDecoderSession, IDeviceSampler
     private readonly RoutingOptions _options;
     private readonly int[] _tokens;   // [capacity] every token fed since Reset
     private readonly float[] _stats = new float[VocabStats.FieldCount];
+    private readonly string[] _pieces = [];   // [vocab] each id's text decoded alone (with a handover delimiter)
+    private readonly char[] _tail = [];       // the last delimiter-length characters of the text fed
+    private int _tailLength;
+    private int _handover;                   // tokens left for the large model after a delimiter
     private int _length;
 
-    public RoutedSession(IDecoderSession small, IDecoderSession large, RoutingOptions options, RoutingStats? stats = null)
+    /// <param name="tokenizer">Needed with a handover delimiter: the text of each fed token is matched against it.</param>
+    public RoutedSession(IDecoderSession small, IDecoderSession large, RoutingOptions options, RoutingStats? stats = null, ITextTokenizer? tokenizer = null)
     {
         ArgumentNullException.ThrowIfNull(small);
         ArgumentNullException.ThrowIfNull(large);
@@ -78,6 +104,20 @@ public sealed class RoutedSession : IDecoderSession, IDeviceSampler
         _options = options;
         Stats = stats ?? new RoutingStats();
         _tokens = new int[Capacity];
+        if (options.HandoverDelimiter is not null)
+        {
+            if (tokenizer is null)
+            {
+                throw new ArgumentNullException(nameof(tokenizer), "a handover delimiter needs the tokenizer");
+            }
+            // Each id's text once, so that a step matches the delimiter without decoding (or allocating).
+            _pieces = new string[small.VocabularySize];
+            for (int id = 0; id < _pieces.Length; id++)
+            {
+                _pieces[id] = tokenizer.Decode([id]);
+            }
+            _tail = new char[options.HandoverDelimiter.Length];
+        }
         // Sampling on the device works with both sessions there, or neither.
         CanSample = small is IDeviceSampler { CanSample: true } && large is IDeviceSampler { CanSample: true };
     }
@@ -95,6 +135,8 @@ public sealed class RoutedSession : IDecoderSession, IDeviceSampler
         _small.Reset();
         _large.Reset();
         _length = 0;
+        _tailLength = 0;
+        _handover = 0;
         Stats.Clear();
     }
 
@@ -111,7 +153,7 @@ public sealed class RoutedSession : IDecoderSession, IDeviceSampler
         _small.Forward(tokens, logits);
         Append(tokens);
         VocabStats.ReduceRow(logits[..vocabulary], -1, default, 0, _stats, default, default);
-        if (_stats[(int)VocabStatsField.Entropy] > _options.EntropyThreshold)
+        if (LargeTurn(_stats[(int)VocabStatsField.Entropy]))
         {
             var pending = CatchUp();
             _large.Forward(pending, logits);
@@ -133,7 +175,7 @@ public sealed class RoutedSession : IDecoderSession, IDeviceSampler
         DecoderChecks.Tokens(feed, _length, Capacity, VocabularySize);
         int token = ((IDeviceSampler)_small).ForwardSample(feed, options, seed, topK, stats, topIds, topLogProbs);
         Append(feed);
-        if (stats[(int)VocabStatsField.Entropy] > _options.EntropyThreshold)
+        if (LargeTurn(stats[(int)VocabStatsField.Entropy]))
         {
             var pending = CatchUp();
             token = ((IDeviceSampler)_large).ForwardSample(pending, options, seed, topK, stats, topIds, topLogProbs);
@@ -148,6 +190,39 @@ public sealed class RoutedSession : IDecoderSession, IDeviceSampler
     {
         tokens.CopyTo(_tokens.AsSpan(_length));
         _length += tokens.Length;
+        if (_tail.Length == 0)
+        {
+            return;
+        }
+        foreach (int token in tokens)
+        {
+            foreach (char c in _pieces[token])
+            {
+                if (_tailLength == _tail.Length)
+                {
+                    Array.Copy(_tail, 1, _tail, 0, _tail.Length - 1);
+                    _tailLength--;
+                }
+                _tail[_tailLength++] = c;
+            }
+        }
+        if (_tailLength == _tail.Length && _tail.AsSpan().SequenceEqual(_options.HandoverDelimiter))
+        {
+            _handover = _options.HandoverTokens;
+            _tailLength = 0; // the delimiter triggers once
+        }
+    }
+
+    /// <summary>Whether the large model takes this step: after a delimiter for HandoverTokens steps, else by entropy.</summary>
+    private bool LargeTurn(float entropy)
+    {
+        if (_handover > 0)
+        {
+            _handover--;
+            Stats.HandoverTokens++;
+            return true;
+        }
+        return entropy > _options.EntropyThreshold;
     }
 
     /// <summary>The tokens the large model has not seen yet (it is never ahead of the small one).</summary>
