@@ -104,10 +104,18 @@ public sealed class AdaptiveDecodingModelTests(string deviceName)
 
     private static readonly AdaptiveDecodingOptions EveryStep = new() { Threshold = 0, Beams = 3, Lookahead = 3 };
 
-    private List<int> Generate(IDecoderSession session, int[] prompt, GenerationStats stats)
+    private List<int> Generate(IDecoderSession session, int[] prompt, GenerationStats stats, List<GeneratedToken>? streamed = null)
     {
-        var options = new GenerationOptions { MaxNewTokens = Tokens, Sampling = SamplingOptions.Greedy, Adaptive = EveryStep };
-        var ids = Generator.Run(session, _model.Tokenizer, prompt, options, stats).Where(t => t.Id >= 0).Select(t => t.Id).ToList();
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = Tokens,
+            Sampling = SamplingOptions.Greedy,
+            Adaptive = EveryStep,
+            Signals = new TokenSignalOptions { TopK = 5 }, // more than the 3 beams: the device step reduces top-5
+        };
+        var tokens = Generator.Run(session, _model.Tokenizer, prompt, options, stats).Where(t => t.Id >= 0).ToList();
+        streamed?.AddRange(tokens);
+        var ids = tokens.Select(t => t.Id).ToList();
         if (stats.FinishReason == FinishReason.EndOfSequence)
         {
             ids.Add(_model.Eos[0]);
@@ -122,9 +130,17 @@ public sealed class AdaptiveDecodingModelTests(string deviceName)
         using var session = _model.NewSession();
         using var oracle = _model.NewSession();
         var stats = new GenerationStats();
-        var ids = Generate(session, prompt, stats);
+        var streamed = new List<GeneratedToken>();
+        var ids = Generate(session, prompt, stats, streamed);
 
-        int lookaheads = AdaptiveDecodingOracle.CheckChoices(sequence => _model.Distribution(oracle, sequence), prompt, ids, EveryStep, _model.Eos, session.Capacity);
+        int lookaheads = AdaptiveDecodingOracle.CheckChoices(sequence => _model.Distribution(oracle, sequence), prompt, ids, EveryStep, _model.Eos, session.Capacity,
+            [.. streamed.Select(t => t.LogProbability)]);
+        foreach (var token in streamed)
+        {
+            Assert.That(token.Signals!.LogProbability, Is.EqualTo(token.LogProbability), "the signals describe the chosen token");
+            Assert.That(token.Signals.Top, Has.Count.EqualTo(5));
+            Assert.That(token.Signals.Top.Select(t => t.Id), Does.Contain(token.Id), "the chosen token is among the top 3");
+        }
         Assert.That(lookaheads, Is.EqualTo(ids.Count));
         Assert.That(stats.Adaptive!.LookaheadSteps, Is.EqualTo(ids.Count));
         TestContext.Out.WriteLine($"{deviceName}: {ids.Count} steps, {stats.Adaptive.ChangedTokens} changed by the lookahead, {stats.Adaptive.RolloutForwards} rollout passes");

@@ -12,7 +12,7 @@ public static class AdaptiveDecodingOracle
     /// either way. The same margin keeps entropies this close to the threshold out of the greedy/lookahead check.</summary>
     public const double NearTie = 1e-4;
 
-    public sealed record Step(double Entropy, int Greedy, int[] Candidates, double[] Scores)
+    public sealed record Step(double Entropy, int Greedy, int[] Candidates, double[] Scores, double[] LogProbs)
     {
         public double Best => Scores.Max();
     }
@@ -70,7 +70,7 @@ public static class AdaptiveDecodingOracle
             }
             scores[b] = sum / count;
         }
-        return new Step(entropy, order[0], candidates, scores);
+        return new Step(entropy, order[0], candidates, scores, logProbs);
     }
 
     public static int ArgMax(double[] values)
@@ -90,10 +90,11 @@ public static class AdaptiveDecodingOracle
     /// Replays <paramref name="generated"/> (the ids the generator chose, EOS included when it ended there) after
     /// <paramref name="prompt"/> through the oracle and asserts each choice: greedy below the threshold; at or above it,
     /// the candidate with the best mean log-prob (any candidate within <see cref="NearTie"/> of the best is accepted).
-    /// Returns the number of lookahead steps the oracle saw.
+    /// With <paramref name="logProbabilities"/> (the streamed ones, EOS left out), each must be the chosen token's under
+    /// the step's distribution. Returns the number of lookahead steps the oracle saw.
     /// </summary>
     public static int CheckChoices(Func<IReadOnlyList<int>, double[]> distribution, IReadOnlyList<int> prompt, IReadOnlyList<int> generated,
-        AdaptiveDecodingOptions options, IReadOnlyList<int> eos, int capacity)
+        AdaptiveDecodingOptions options, IReadOnlyList<int> eos, int capacity, IReadOnlyList<float>? logProbabilities = null)
     {
         var sequence = new List<int>(prompt);
         int lookaheads = 0;
@@ -113,6 +114,10 @@ public static class AdaptiveDecodingOracle
                 Assert.That(reference.Scores[index], Is.GreaterThanOrEqualTo(reference.Best - NearTie),
                     $"step {step}: chose {chosen} (mean log-prob {reference.Scores[index]:F6}); candidates [{string.Join(", ", reference.Candidates)}] "
                     + $"score [{string.Join(", ", reference.Scores.Select(s => s.ToString("F6")))}]");
+            }
+            if (logProbabilities is not null && step < logProbabilities.Count)
+            {
+                Assert.That(logProbabilities[step], Is.EqualTo(reference.LogProbs[chosen]).Within(1e-4), $"step {step}: the streamed log-prob is the chosen token's");
             }
             sequence.Add(chosen);
         }
