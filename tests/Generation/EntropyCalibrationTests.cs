@@ -152,6 +152,20 @@ public sealed class EntropyCalibrationTests
     }
 
     [Test]
+    public void The_threshold_shipped_with_the_embedded_model_is_what_calibration_on_its_sample_stories_gives()
+    {
+        using var model = LanguageModel.Load(TestPaths.TinyStories, new ModelLoadOptions { Device = "cpu", Threads = 2 });
+        string[] texts = [.. File.ReadLines(Path.Combine(TestPaths.TinyStories, "corpus", "sample_stories.txt")).Where(line => line.Length > 0)];
+        var calibrated = EntropyCalibrator.Calibrate(model, texts);
+        var shipped = EntropyCalibration.Read(EntropyCalibration.PathFor(TestPaths.TinyStories));
+        // Summation order (threads, chunking) moves entropies by a few ulps: the fit moves as little.
+        Assert.That(calibrated.Threshold, Is.EqualTo(shipped.Threshold).Within(1e-4));
+        Assert.That(calibrated.Cutoff, Is.EqualTo(shipped.Cutoff));
+        Assert.That(calibrated.HeldOutAccuracy, Is.EqualTo(shipped.HeldOutAccuracy).Within(1e-9));
+        Assert.That((calibrated.TrainingSteps, calibrated.HeldOutSteps, calibrated.Texts), Is.EqualTo((shipped.TrainingSteps, shipped.HeldOutSteps, shipped.Texts)));
+    }
+
+    [Test]
     public void On_the_embedded_model_each_step_is_labelled_by_the_scorers_top_1()
     {
         using var model = LanguageModel.Load(TestPaths.TinyStories, new ModelLoadOptions { Device = "cpu", Threads = 2, ContextLength = 256 });
