@@ -98,7 +98,13 @@ public static class Program
                 {
                     line += string.Create(CultureInfo.InvariantCulture, $" {t,9:N0} tokens/s");
                 }
-                if (gigabytes is double gpu && Roofline.OnGpu(benchmark))
+                if (gigabytes is double model && benchmark.Descriptor.Type == typeof(CudaModelBenchmark) && CudaModelBenchmark.CopyGigabytesPerSecond > 0)
+                {
+                    double copy = CudaModelBenchmark.CopyGigabytesPerSecond;
+                    line += string.Create(CultureInfo.InvariantCulture,
+                        $" {model,7:N2} GB/s of weights = {100 * model / copy,3:N0}% of the device's copy bandwidth ({copy:N1} GB/s, measured in the setup)");
+                }
+                else if (gigabytes is double gpu && Roofline.OnGpu(benchmark))
                 {
                     line += string.Create(CultureInfo.InvariantCulture, $" {gpu,7:N2} GB/s on the GPU (its roofline: the device report of tools/device-check.sh)");
                 }

@@ -41,6 +41,11 @@ public static class Roofline
         {
             return PrefillBenchmark.PromptLength;
         }
+        if (type == typeof(CudaModelBenchmark))
+        {
+            return benchmark.Descriptor.WorkloadMethod.Name == nameof(CudaModelBenchmark.Decode) ? 1
+                : Parameter(benchmark, "Device") is "cuda" ? CudaModelBenchmark.PromptTokens : 16;
+        }
         return 0;
     }
 
@@ -61,6 +66,10 @@ public static class Roofline
         {
             return StreamingRead.BufferBytes;
         }
+        if (type == typeof(CudaModelBenchmark) && benchmark.Descriptor.WorkloadMethod.Name == nameof(CudaModelBenchmark.Decode))
+        {
+            return CudaModelBenchmark.BytesPerDecodedToken((string)Parameter(benchmark, nameof(CudaModelBenchmark.Shape))!);
+        }
         if (type == typeof(VocabStatsBenchmark))
         {
             return VocabStatsBenchmark.RowBytes((int)Parameter(benchmark, nameof(VocabStatsBenchmark.Vocabulary))!, (DType)Parameter(benchmark, nameof(VocabStatsBenchmark.DType))!);
@@ -73,7 +82,7 @@ public static class Roofline
         Parameter(benchmark, "Threads") is int threads ? threads : benchmark.Descriptor.Type == typeof(VocabStatsBenchmark) ? 1 : Environment.ProcessorCount;
 
     /// <summary>A case measured on the GPU: the CPU's read bandwidth is not its roofline.</summary>
-    public static bool OnGpu(BenchmarkCase benchmark) => Parameter(benchmark, "Device") is "cuda";
+    public static bool OnGpu(BenchmarkCase benchmark) => Parameter(benchmark, "Device") is "cuda" or "cuda-emulated";
 
     /// <summary>Mean time of the case over the mean 1-thread decode step of the embedded model in the same summary, or null.</summary>
     public static double? ShareOfDecodeStep(Summary summary, BenchmarkCase benchmark)

@@ -197,6 +197,7 @@ public static class Program
             {
                 Row("device weights", FormatBytes(language.DeviceWeightBytes));
                 Row("device memory used", $"{FormatBytes(language.DeviceWeightBytes + language.SessionBytes)} of {FormatBytes(language.DeviceTotalBytes)} (weights + session)");
+                Row("device engine", language.DeviceEngine!);
             }
             Row("files", string.Join(", ", language.Model.Files.Select(f => Path.GetFileName(f.FilePath))));
             Row("device", language.DeviceName);

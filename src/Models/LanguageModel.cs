@@ -59,6 +59,13 @@ public sealed class LanguageModel : IDisposable
     /// <summary>Total device memory of the CUDA device (0 on the CPU).</summary>
     public long DeviceTotalBytes => _cudaDevice?.Backend.TotalMemoryBytes ?? 0;
 
+    /// <summary>How the CUDA path runs (decode graphs, the prefill GEMM, the weight upload); null on the CPU.</summary>
+    public string? DeviceEngine => _cudaModel is null || _session is not CudaLlamaSession session
+        ? null
+        : $"decode: {(session.UsesCudaGraphs ? "CUDA graphs (one per context bound)" : "kernel launches (CUDA graphs off)")}; "
+          + $"prefill GEMM: {KernelLM.Runtime.Cuda.Ops.CudaOps.PrefillGemmEngine(_cudaDevice!)}; "
+          + $"upload: {_cudaModel.UploadedBytes / 1e6:F1} MB through pinned staging in {_cudaModel.UploadTime.TotalMilliseconds:F0} ms";
+
     /// <summary>The embedded default model (tiny-stories) shipped next to the executable.</summary>
     public static string DefaultModelDirectory => Path.Combine(AppContext.BaseDirectory, "models", "tiny-stories");
 

@@ -78,6 +78,19 @@ public sealed class CliTests
         Assert.That(output, Does.Contain("8 (kv heads 4, group 2, head_dim 32)"));
     }
 
+    [Test]
+    public void Info_on_the_emulated_device_reports_device_memory_and_engine()
+    {
+        var (exitCode, output, errors) = Run("info", TestPaths.TinyStories, "--device", "cuda-emulated", "--context-length", "64");
+        Assert.That(exitCode, Is.Zero, errors);
+        // The table wraps long values: read it as one line of words.
+        string flat = System.Text.RegularExpressions.Regex.Replace(output.Replace('│', ' '), @"\s+", " ");
+        Assert.That(flat, Does.Contain("device memory used"));
+        Assert.That(flat, Does.Contain("CUDA graphs (one per context bound)"));
+        Assert.That(flat, Does.Contain("built-in GEMM"));
+        Assert.That(flat, Does.Match(@"upload: 10\.\d MB through pinned staging"));
+    }
+
     [TestCase(new[] { "generate", "--model", "/nonexistent/model", "--prompt", "x" }, "/nonexistent/model")]
     [TestCase(new[] { "run", "--temperature", "-1" }, "temperature")]
     [TestCase(new[] { "run", "--top-p", "0" }, "top-p")]

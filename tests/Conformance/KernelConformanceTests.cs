@@ -251,6 +251,19 @@ public sealed partial class KernelConformanceTests
     public void gemm(string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual) =>
         CheckLinear("gemm", deviceName, dtype, rows, cols, tokens, bias, residual);
 
+    public static IEnumerable<TestCaseData> LinearCases() => Cases("linear", device =>
+        from dtype in device.Activations
+        from shape in new[] { (96, 256, 9), (130, 33, 77), (256, 512, 128) }
+        from extras in new[] { 0, 1, 2, 3 }
+        where extras == 0 || shape.Item1 == 130
+        select new object[] { dtype, P("rows", shape.Item1), P("cols", shape.Item2), P("tokens", shape.Item3), P("bias", extras & 1), P("residual", extras >> 1) });
+
+    /// <summary>The product model code runs for a prefill chunk (CudaOps.Linear beyond the GEMV's 8 tokens): cuBLAS
+    /// (cublasGemmEx, fp32 compute, then add_bias) on a GPU with libcublas, the built-in GEMM elsewhere; the GEMM's bound.</summary>
+    [TestCaseSource(nameof(LinearCases))]
+    public void linear(string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual) =>
+        CheckLinear("linear", deviceName, dtype, rows, cols, tokens, bias, residual);
+
     private static void CheckLinear(string op, string deviceName, DType dtype, int rows, int cols, int tokens, int bias, int residual)
     {
         var device = ConformanceDevices.Get(deviceName);
@@ -258,7 +271,12 @@ public sealed partial class KernelConformanceTests
         var x = OpBackend.Representable(dtype, Random(tokens + cols, tokens * cols, 2));
         var biasValues = bias == 1 ? Random(rows, rows, 0.5) : null;
         var residualValues = residual == 1 ? OpBackend.Representable(dtype, Random(rows + 5, tokens * rows, 3)) : null;
-        var output = op == "gemm" ? device.Gemm(dtype, weight, rows, cols, x, biasValues, residualValues) : device.Gemv(dtype, weight, rows, cols, x, biasValues, residualValues);
+        var output = op switch
+        {
+            "gemm" => device.Gemm(dtype, weight, rows, cols, x, biasValues, residualValues),
+            "linear" => device.Linear(dtype, weight, rows, cols, x, biasValues, residualValues),
+            _ => device.Gemv(dtype, weight, rows, cols, x, biasValues, residualValues),
+        };
         var xs = x.Select(v => (double)v).ToArray();
         var ws = weight.Select(v => (double)v).ToArray();
         var expected = ReferenceOps.Linear(xs, tokens, ws, rows, cols, biasValues?.Select(v => (double)v).ToArray());

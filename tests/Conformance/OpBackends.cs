@@ -49,6 +49,10 @@ public abstract class OpBackend : IDisposable
     public virtual float[] Gemm(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual) =>
         Gemv(dtype, weight, rows, cols, x, bias, residual);
 
+    /// <summary>The product as model code runs it (CudaOps.Linear: the GEMV, cuBLAS on a GPU, or the built-in GEMM).</summary>
+    public virtual float[] Linear(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual) =>
+        Gemm(dtype, weight, rows, cols, x, bias, residual);
+
     /// <summary>y = silu(x G^T) * (x U^T): gate, up [rows, cols]; x [tokens, cols].</summary>
     public abstract float[] GemvSilu(DType dtype, float[] gate, float[] up, int rows, int cols, float[] x);
 
@@ -410,7 +414,15 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
     {
         using var tensor = Upload("x", dtype, x, x.Length / (heads * headDim), heads, headDim);
         using var frequencies = Upload("inv_freq", DType.F32, inverseFrequencies, inverseFrequencies.Length);
-        CudaOps.Rope(device, tensor, heads, frequencies, start);
+        if (start == 0)
+        {
+            CudaOps.Rope(device, tensor, heads, frequencies, start);
+            return Read(tensor);
+        }
+        // A non-zero start goes through the device-memory position (the CUDA graph path): start_at + 7.
+        using var startAt = device.Allocate("start_at", DType.I32, 1);
+        startAt.Upload<int>([start - 7]);
+        CudaOps.Rope(device, tensor, heads, frequencies, startAt, 7);
         return Read(tensor);
     }
 
@@ -465,6 +477,17 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
         using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
         CudaOps.Gemm(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
+        return Read(output);
+    }
+
+    public override float[] Linear(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
+    {
+        int tokens = x.Length / cols;
+        using var weightTensor = Upload("weight", dtype, weight, rows, cols);
+        using var input = Upload("x", dtype, x, tokens, cols);
+        using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
+        using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
+        CudaOps.Linear(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
         return Read(output);
     }
 

@@ -32,44 +32,51 @@ public sealed class DeviceReportTests
     /// <summary>A model shape the report runs end to end (random bf16 weights generated on the device).</summary>
     public sealed record ModelShape(string Name, ModelConfig Config, int PromptTokens, int DecodeSteps, double TargetTokensPerSecond);
 
-    private static ModelConfig Shape(int vocabulary, int hidden, int intermediate, int layers, int heads, int kvHeads, int headDim, bool tied) => new()
-    {
-        Architecture = Architecture.Llama,
-        ArchitectureName = "LlamaForCausalLM",
-        VocabularySize = vocabulary,
-        HiddenSize = hidden,
-        IntermediateSize = intermediate,
-        Layers = layers,
-        Heads = heads,
-        KvHeads = kvHeads,
-        HeadDim = headDim,
-        RmsNormEpsilon = 1e-5,
-        RopeTheta = 500000,
-        MaxPositionEmbeddings = 131072,
-        TieWordEmbeddings = tied,
-        QkvBias = false,
-        OutputBias = false,
-        SlidingWindow = 0,
-        EosTokenIds = [1],
-    };
-
     /// <summary>Llama-3.2-1B and Llama-3.1-8B shapes, with the H200 targets of the CUDA engine issue.</summary>
     public static IReadOnlyList<ModelShape> GpuShapes { get; } =
     [
-        new("llama-3.2-1b", Shape(128256, 2048, 8192, 16, 32, 8, 64, tied: true), PromptTokens: 512, DecodeSteps: 64, TargetTokensPerSecond: 1400),
-        new("llama-3.1-8b", Shape(128256, 4096, 14336, 32, 32, 8, 128, tied: false), PromptTokens: 512, DecodeSteps: 32, TargetTokensPerSecond: 245),
+        new("llama-3.2-1b", ReferenceShapes.Llama32_1B, PromptTokens: 512, DecodeSteps: 64, TargetTokensPerSecond: 1400),
+        new("llama-3.1-8b", ReferenceShapes.Llama31_8B, PromptTokens: 512, DecodeSteps: 32, TargetTokensPerSecond: 245),
     ];
 
     /// <summary>A tiny shape that exercises the same path on the emulated device.</summary>
     public static IReadOnlyList<ModelShape> EmulatedShapes { get; } =
-        [new("tiny", Shape(512, 64, 128, 2, 4, 2, 16, tied: false), PromptTokens: 16, DecodeSteps: 4, TargetTokensPerSecond: 0)];
+        [new("tiny", ReferenceShapes.Tiny, PromptTokens: 16, DecodeSteps: 4, TargetTokensPerSecond: 0)];
 
     /// <summary>Prefill of the prompt (chunks of the whole prompt) and batch-1 greedy decode with sampling on the
     /// device; tokens/s, achieved weight GB/s and its fraction of the measured copy bandwidth.</summary>
-    private static object Throughput(CudaDevice device, ModelShape shape, double copy)
+    private static object Throughput(CudaDevice device, ModelShape shape, double copy, double gemmTflops)
     {
         using var model = CudaLlamaModel.Random(shape.Config, device, DType.BF16, contextLength: shape.PromptTokens + shape.DecodeSteps + 8, prefillChunk: shape.PromptTokens);
-        using var session = model.CreateSession();
+        var (prefillSeconds, stepSeconds) = Time(model, shape, cudaGraphs: true);
+        var (_, eagerStepSeconds) = Time(model, shape, cudaGraphs: false);
+        long bytes = model.BytesPerDecodedToken;
+        double gbps = bytes / stepSeconds / 1e9;
+        // Prefill FLOPs: 2 per matrix parameter per token (attention's own FLOPs are small at 512 tokens and left out).
+        double prefillTflops = 2.0 * (bytes / 2) * shape.PromptTokens / prefillSeconds / 1e12;
+        return new
+        {
+            model = shape.Name,
+            weight_bytes = model.WeightBytes,
+            bytes_per_decoded_token = bytes,
+            prefill_tokens = shape.PromptTokens,
+            prefill_gemm = CudaOps.PrefillGemmEngine(device),
+            prefill_tokens_per_second = shape.PromptTokens / prefillSeconds,
+            prefill_matrix_tflops = prefillTflops,
+            prefill_fraction_of_gemm_peak = prefillTflops / gemmTflops,
+            decode_tokens_per_second = 1 / stepSeconds,
+            decode_tokens_per_second_without_graphs = 1 / eagerStepSeconds,
+            decode_weight_gbps = gbps,
+            decode_fraction_of_copy = gbps / copy,
+            bandwidth_limit_tokens_per_second = copy * 1e9 / bytes,
+            target_tokens_per_second = shape.TargetTokensPerSecond,
+        };
+    }
+
+    /// <summary>Best of two runs (the first warms up): the prompt's prefill, and the mean greedy decode step.</summary>
+    private static (double PrefillSeconds, double StepSeconds) Time(CudaLlamaModel model, ModelShape shape, bool cudaGraphs)
+    {
+        using var session = model.CreateSession(cudaGraphs: cudaGraphs);
         int[] prompt = Enumerable.Range(0, shape.PromptTokens).Select(i => i * 7919 % shape.Config.VocabularySize).ToArray();
         var greedy = KernelLM.Runtime.Sampling.SamplingOptions.Greedy;
         var stats = new float[KernelLM.Runtime.Signals.VocabStats.FieldCount];
@@ -89,21 +96,57 @@ public sealed class DeviceReportTests
             }
             stepSeconds = Math.Min(stepSeconds, clock.Elapsed.TotalSeconds / shape.DecodeSteps);
         }
-        long bytes = model.BytesPerDecodedToken;
-        double gbps = bytes / stepSeconds / 1e9;
-        return new
+        return (prefillSeconds, stepSeconds);
+    }
+
+    /// <summary>The prefill product's peak here: CudaOps.Linear (cuBLAS on a GPU) on a square bf16 problem of side
+    /// <paramref name="side"/>; TFLOP/s, best of 3 x 5 launches.</summary>
+    private static double GemmTflops(CudaDevice device, int side)
+    {
+        using var weight = device.Allocate("w", DType.BF16, side, side);
+        using var x = device.Allocate("x", DType.BF16, side, side);
+        using var y = device.Allocate("y", DType.BF16, side, side);
+        CudaOps.FillUniform(device, weight, 1, 0.02f);
+        CudaOps.FillUniform(device, x, 2, 1);
+        CudaOps.Linear(device, weight, x, y);
+        double best = double.MaxValue;
+        for (int repeat = 0; repeat < 3; repeat++)
         {
-            model = shape.Name,
-            weight_bytes = model.WeightBytes,
-            bytes_per_decoded_token = bytes,
-            prefill_tokens = shape.PromptTokens,
-            prefill_tokens_per_second = shape.PromptTokens / prefillSeconds,
-            decode_tokens_per_second = 1 / stepSeconds,
-            decode_weight_gbps = gbps,
-            decode_fraction_of_copy = gbps / copy,
-            bandwidth_limit_tokens_per_second = copy * 1e9 / bytes,
-            target_tokens_per_second = shape.TargetTokensPerSecond,
-        };
+            device.Synchronize();
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            for (int i = 0; i < 5; i++)
+            {
+                CudaOps.Linear(device, weight, x, y);
+            }
+            device.Synchronize();
+            best = Math.Min(best, clock.Elapsed.TotalSeconds / 5);
+        }
+        return 2.0 * side * side * side / best / 1e12;
+    }
+
+    /// <summary>Host to device: through the pinned staging buffers (what model upload uses) and straight from pageable
+    /// memory; GB/s of <paramref name="bytes"/>.</summary>
+    private static object Upload(CudaDevice device, int bytes)
+    {
+        var host = new byte[bytes];
+        new Random(1).NextBytes(host);
+        using var target = device.Allocate("upload", DType.I32, bytes / 4);
+        double staged = double.MaxValue, pageable = double.MaxValue;
+        for (int repeat = 0; repeat < 2; repeat++)
+        {
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            using (var upload = new StagedUpload(device))
+            {
+                upload.Copy(target.Address, host);
+                upload.Finish();
+            }
+            staged = Math.Min(staged, clock.Elapsed.TotalSeconds);
+            clock.Restart();
+            device.Backend.CopyHostToDevice(target.Address, host, 0);
+            device.Synchronize();
+            pageable = Math.Min(pageable, clock.Elapsed.TotalSeconds);
+        }
+        return new { bytes, staged_pinned_gbps = bytes / staged / 1e9, pageable_gbps = bytes / pageable / 1e9 };
     }
 
     /// <summary>Flash-decoding over a long cache: the Llama-3.1-8B attention shape (32 query heads, 8 KV heads,
@@ -143,7 +186,10 @@ public sealed class DeviceReportTests
     {
         double copy = KernelBandwidth.CopyGigabytesPerSecond(device, copyBytes);
         var kernels = KernelBandwidth.Measure(device, elements);
-        var models = (shapes ?? []).Select(shape => Throughput(device, shape, copy)).ToArray();
+        int gemmSide = device.Backend.IsEmulated ? 64 : 8192;
+        double gemmTflops = GemmTflops(device, gemmSide);
+        var upload = Upload(device, device.Backend.IsEmulated ? 1 << 20 : 1 << 30);
+        var models = (shapes ?? []).Select(shape => Throughput(device, shape, copy, gemmTflops)).ToArray();
         var attention = DecodeAttention(device, attentionKeys, copy);
         // vocab_stats against a whole decode step, each step taken at the copy's bandwidth (its roofline): the L2 rows
         // are the decode case (the LM head has just written the logits).
@@ -168,6 +214,8 @@ public sealed class DeviceReportTests
             total_memory_bytes = device.Backend.TotalMemoryBytes,
             driver = CudaDriverStatus.Current.Problem ?? $"CUDA driver {CudaDriverStatus.Current.DriverVersion}",
             measured_copy_gbps = copy,
+            prefill_gemm = new { engine = CudaOps.PrefillGemmEngine(device), side = gemmSide, tflops = gemmTflops },
+            upload,
             kernels = kernels.Select(k => new
             {
                 kernel = k.Kernel,
@@ -194,6 +242,8 @@ public sealed class DeviceReportTests
             lines.Add($"{share.kernel,-22} {share.shape,-14} {share.microseconds,8:F1} us = {share.share_of_1b_step:P2} of a 1B bf16 decode step "
                 + $"({step1B:F0} us at copy speed), {share.share_of_8b_step:P2} of an 8B one ({step8B:F0} us)");
         }
+        lines.Add($"prefill GEMM ({CudaOps.PrefillGemmEngine(device)}), bf16 {gemmSide}^3: {gemmTflops:F1} TFLOP/s");
+        lines.Add("upload " + JsonSerializer.Serialize(upload));
         foreach (var model in models)
         {
             lines.Add(JsonSerializer.Serialize(model));
@@ -235,6 +285,11 @@ public sealed class DeviceReportTests
             Assert.That(model.GetProperty("decode_tokens_per_second").GetDouble(), Is.GreaterThan(0));
             Assert.That(model.GetProperty("prefill_tokens_per_second").GetDouble(), Is.GreaterThan(0));
             Assert.That(model.GetProperty("decode_fraction_of_copy").GetDouble(), Is.GreaterThan(0));
+            Assert.That(model.GetProperty("decode_tokens_per_second_without_graphs").GetDouble(), Is.GreaterThan(0));
+            Assert.That(model.GetProperty("prefill_matrix_tflops").GetDouble(), Is.GreaterThan(0));
+            Assert.That(model.GetProperty("prefill_gemm").GetString(), Does.Contain("built-in GEMM"));
+            Assert.That(root.GetProperty("prefill_gemm").GetProperty("tflops").GetDouble(), Is.GreaterThan(0));
+            Assert.That(root.GetProperty("upload").GetProperty("staged_pinned_gbps").GetDouble(), Is.GreaterThan(0));
             Assert.That(root.GetProperty("attention_decode").GetProperty("gbps").GetDouble(), Is.GreaterThan(0));
         }
         finally

@@ -85,6 +85,10 @@ public sealed class CudaSessionTests(string deviceName)
         using var cpu = model.CreateSession();
         using var uploaded = CudaLlamaModel.Upload(model, _device);
         using var cuda = uploaded.CreateSession();
+        long matrixBytes = model.Layers.Sum(l => l.Query.ByteLength + l.Key.ByteLength + l.Value.ByteLength + l.Output.ByteLength
+                                                 + l.Gate.ByteLength + l.Up.ByteLength + l.Down.ByteLength)
+                           + model.Embedding.ByteLength + (spec.TieWordEmbeddings ? 0 : model.LmHead.ByteLength);
+        Assert.That(uploaded.UploadedBytes, Is.EqualTo(matrixBytes), "every matrix went up through the staging buffers, once");
 
         var expected = new float[prompt.Length * vocabulary];
         var actual = new float[prompt.Length * vocabulary];
@@ -312,7 +316,7 @@ public sealed class CudaSessionTests(string deviceName)
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.BF16, Seed = 13 });
         using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 1, ContextLength = 256 });
         using var uploaded = CudaLlamaModel.Upload(model, _device);
-        using var session = uploaded.CreateSession();
+        using var session = uploaded.CreateSession(cudaGraphs: true);
         var options = new KernelLM.Runtime.Sampling.SamplingOptions { Temperature = 0.8f, TopK = 20, TopP = 0.9f, MinP = 0.02f, RepetitionPenalty = 1.2f };
         var stats = new float[KernelLM.Runtime.Signals.VocabStats.FieldCount];
         var ids = new int[4];
@@ -330,5 +334,51 @@ public sealed class CudaSessionTests(string deviceName)
         }
         long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
         Assert.That(allocated, Is.Zero, "bytes allocated by 20 device decode steps");
+        Assert.That(session.CapturedGraphs, Is.EqualTo(1), "the steps replayed the decode graph captured by the first one");
+    }
+
+    /// <summary>Replaying the captured decode step gives the same logits, bit for bit, as launching its kernels one by
+    /// one, across a context bound (a second graph is captured at position 128) and after a Reset (the graphs are
+    /// reused: the position, length and token come from device memory).</summary>
+    [Test]
+    public void Decode_graphs_replay_the_eager_decode_bit_for_bit()
+    {
+        SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.BF16, Seed = 21, AttentionBias = true });
+        using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 2, ContextLength = 320, PrefillChunk = 64 });
+        using var uploaded = CudaLlamaModel.Upload(model, _device);
+        using var eager = uploaded.CreateSession(cudaGraphs: false);
+        using var graphed = uploaded.CreateSession(cudaGraphs: true);
+        Assert.That((eager.UsesCudaGraphs, graphed.UsesCudaGraphs), Is.EqualTo((false, true)));
+        int vocabulary = model.Config.VocabularySize;
+        int[] prompt = Enumerable.Range(0, 120).Select(i => i * 37 % vocabulary).ToArray();
+        var expected = new float[vocabulary];
+        var actual = new float[vocabulary];
+        List<float[]> firstRun = [];
+        for (int run = 0; run < 2; run++)
+        {
+            eager.Reset();
+            graphed.Reset();
+            eager.Forward(prompt, expected);
+            graphed.Forward(prompt, actual);
+            Assert.That(actual, Is.EqualTo(expected), "prefill (never a graph)");
+            int token = 1;
+            for (int step = 0; step < 16; step++)   // positions 120..135: the bound goes from 128 to 256 at 128
+            {
+                eager.Forward([token], expected);
+                graphed.Forward([token], actual);
+                Assert.That(actual, Is.EqualTo(expected).AsCollection, $"run {run}, decode at position {graphed.Length - 1}");
+                if (run == 0)
+                {
+                    firstRun.Add((float[])actual.Clone());
+                }
+                else
+                {
+                    Assert.That(actual, Is.EqualTo(firstRun[step]).AsCollection, $"run 1 repeats run 0 at step {step}");
+                }
+                token = Array.IndexOf(actual, actual.Max());
+            }
+            Assert.That(graphed.CapturedGraphs, Is.EqualTo(2), "one graph per context bound reached (128, 256)");
+        }
+        Assert.That(eager.CapturedGraphs, Is.Zero);
     }
 }

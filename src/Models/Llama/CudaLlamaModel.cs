@@ -32,6 +32,7 @@ public sealed class CudaLlamaLayer
 public sealed class CudaLlamaModel : IDisposable
 {
     private readonly List<DeviceTensor> _tensors = [];
+    private StagedUpload? _staging;   // during UploadWeights
 
     private CudaLlamaModel(ModelConfig config, CudaDevice device, DType dtype, int contextLength, int prefillChunk, LlamaModel? model)
     {
@@ -57,7 +58,28 @@ public sealed class CudaLlamaModel : IDisposable
         }
     }
 
-    private unsafe void UploadWeights(LlamaModel model, ModelConfig config)
+    private void UploadWeights(LlamaModel model, ModelConfig config)
+    {
+        long matrixBytes = model.Layers.Sum(l => l.Query.ByteLength + l.Key.ByteLength + l.Value.ByteLength + l.Output.ByteLength
+                                                 + l.Gate.ByteLength + l.Up.ByteLength + l.Down.ByteLength) + model.Embedding.ByteLength + model.LmHead.ByteLength;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        using (_staging = new StagedUpload(Device, Math.Clamp(matrixBytes, 4096, StagedUpload.DefaultBufferBytes)))
+        {
+            UploadTensors(model, config);
+            _staging.Finish();
+            UploadedBytes = _staging.Bytes;
+        }
+        _staging = null;
+        UploadTime = clock.Elapsed;
+    }
+
+    /// <summary>Bytes copied from the checkpoint to the device by <see cref="Upload"/> (through the staging buffers).</summary>
+    public long UploadedBytes { get; private set; }
+
+    /// <summary>Wall time of <see cref="Upload"/>'s copies (reading the map and the DMA, overlapped).</summary>
+    public TimeSpan UploadTime { get; private set; }
+
+    private unsafe void UploadTensors(LlamaModel model, ModelConfig config)
     {
         Embedding = UploadMatrix(model.Embedding);
         LmHead = model.LmHead.Data == model.Embedding.Data ? Embedding : UploadMatrix(model.LmHead);
@@ -207,7 +229,7 @@ public sealed class CudaLlamaModel : IDisposable
         return tensor;
     }
 
-    /// <summary>Copies a matrix straight from the memory map (the page cache) in pieces of at most 256 MB.</summary>
+    /// <summary>A matrix on the device in the model's dtype (widened there when the checkpoint's is narrower).</summary>
     private unsafe DeviceTensor UploadMatrix(in WeightMatrix matrix)
     {
         if (matrix.DType == DType)
@@ -220,18 +242,28 @@ public sealed class CudaLlamaModel : IDisposable
         var widened = Allocate(matrix.Name, DType, matrix.Rows, matrix.Cols);
         using var staging = DeviceMemory.Allocate(Device, matrix.Name + " (staging)", matrix.DType, [matrix.Rows, matrix.Cols], $"after {WeightBytes:N0} bytes of weights");
         Copy(staging, matrix);
+        _staging?.Finish();
         CudaOps.Convert(Device, staging, widened);
         Device.Synchronize();
         return widened;
     }
 
+    /// <summary>Copies a matrix from the memory map through the staging buffers (pieces of at most 256 MB per span).</summary>
     private unsafe void Copy(DeviceTensor tensor, in WeightMatrix matrix)
     {
         const long piece = 256L << 20;
         for (long offset = 0; offset < matrix.ByteLength; offset += piece)
         {
             int length = (int)Math.Min(piece, matrix.ByteLength - offset);
-            Device.Backend.CopyHostToDevice(tensor.Address + (ulong)offset, new ReadOnlySpan<byte>(matrix.Data + offset, length), 0);
+            var source = new ReadOnlySpan<byte>(matrix.Data + offset, length);
+            if (_staging is null)
+            {
+                Device.Backend.CopyHostToDevice(tensor.Address + (ulong)offset, source, 0);
+            }
+            else
+            {
+                _staging.Copy(tensor.Address + (ulong)offset, source);
+            }
         }
     }
 
@@ -244,9 +276,14 @@ public sealed class CudaLlamaModel : IDisposable
 
     private DeviceTensor? OptionalVector(string name, float[] values) => values.Length == 0 ? null : UploadVector(name, values);
 
-    /// <summary>A new sequence with its own device KV cache of <paramref name="capacity"/> tokens (0 = the model's context).</summary>
-    public CudaLlamaSession CreateSession(int capacity = 0) =>
-        new(this, capacity > 0 ? Math.Min(capacity, ContextLength) : ContextLength, PrefillChunk);
+    /// <summary>A new sequence with its own device KV cache of <paramref name="capacity"/> tokens (0 = the model's context).
+    /// <paramref name="cudaGraphs"/>: capture the decode step as CUDA graphs (null: yes unless KERNELLM_CUDA_GRAPHS=0).</summary>
+    public CudaLlamaSession CreateSession(int capacity = 0, bool? cudaGraphs = null) =>
+        new(this, capacity > 0 ? Math.Min(capacity, ContextLength) : ContextLength, PrefillChunk, cudaGraphs ?? CudaGraphsByDefault);
+
+    /// <summary>Whether sessions capture their decode step as CUDA graphs unless told: yes, unless the environment
+    /// variable KERNELLM_CUDA_GRAPHS is "0".</summary>
+    public static bool CudaGraphsByDefault => Environment.GetEnvironmentVariable("KERNELLM_CUDA_GRAPHS") != "0";
 
     private void FreeAll()
     {

@@ -19,6 +19,14 @@ namespace KernelLM.Models.Llama;
 /// Decode (one token) uses the GEMVs (gate and up fused with SwiGLU) and flash-decoding; prefill chunks use the
 /// GEMM and the tiled prefill attention. The views a decode step uses are made once, so a decode step
 /// allocates nothing on the host or the device; logits are widened to fp32 on the device and copied back.
+///
+/// The decode step (embedding to last logits) is captured once as a CUDA graph and replayed: its only host input
+/// is one 12-byte copy of (token id, position, length) into device memory, which every kernel of the step reads
+/// there. Decode attention is launched for a bound on the context length rather than the length itself: the
+/// bound doubles from <see cref="DecodeBucketMin"/> up to the capacity, one graph per bound, captured when first
+/// reached (so at most log2(capacity / 128) + 1 captures per session). The same bounds are used without graphs,
+/// so the two paths compute the same numbers bit for bit. KERNELLM_CUDA_GRAPHS=0 (or <c>cudaGraphs: false</c>)
+/// turns graphs off.
 /// </summary>
 public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDeviceSampler, ISessionRollback
 {
@@ -42,6 +50,10 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     private readonly DeviceTensor? _logitsF32;   // [chunk, vocab] f32 (when the model dtype is not f32)
     private readonly DeviceTensor _starts;       // [1] i32: position of the chunk's first token
     private readonly DeviceTensor _lengths;      // [1] i32: valid positions after the chunk
+    private readonly DeviceTensor _step;         // [4] i32: a decode step's (token id, position, length, unused)
+    private readonly DeviceTensor _stepId, _stepStart, _stepLength; // views of _step
+    private readonly CudaGraph?[]? _graphs;      // per decode bound (DecodeBound), captured when first needed
+    private readonly nint _stream;               // the graphs' stream (a created, blocking stream), or 0
     private readonly DeviceTensor? _workspace;   // flash-decoding partials
     private readonly Views _decode;              // views for one token, made once
     private readonly DeviceTensor? _targets;     // [chunk] i32: the next ids, for the reduction
@@ -63,7 +75,10 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     private int _length;
     private bool _disposed;
 
-    internal CudaLlamaSession(CudaLlamaModel model, int capacity, int chunk)
+    /// <summary>Smallest context bound a decode step's attention is launched for (it doubles from here).</summary>
+    public const int DecodeBucketMin = 128;
+
+    internal CudaLlamaSession(CudaLlamaModel model, int capacity, int chunk, bool cudaGraphs)
     {
         _model = model;
         _device = model.Device;
@@ -95,6 +110,15 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             _logitsF32 = dtype == DType.F32 ? null : Allocate("logits_f32", DType.F32, _chunk, c.VocabularySize);
             _starts = Allocate("starts", DType.I32, 1);
             _lengths = Allocate("lengths", DType.I32, 1);
+            _step = Allocate("decode_step", DType.I32, 4);
+            _stepId = _step.View("decode_step.id", DType.I32, 0, 1);
+            _stepStart = _step.View("decode_step.start", DType.I32, sizeof(int), 1);
+            _stepLength = _step.View("decode_step.length", DType.I32, 2 * sizeof(int), 1);
+            if (cudaGraphs)
+            {
+                _stream = _device.Backend.CreateStream();
+                _graphs = new CudaGraph?[BucketIndex(capacity) + 1];
+            }
             int splits = CudaOps.AttentionDecodeSplits(_device, 1, c.Heads, c.KvHeads, c.HeadDim, capacity);
             long workspace = CudaOps.AttentionDecodeWorkspaceElements(1, c.Heads, c.HeadDim, splits);
             _workspace = workspace > 0 ? Allocate("attn_workspace", DType.F32, checked((int)workspace)) : null;
@@ -131,6 +155,12 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
 
     public int VocabularySize => _model.Config.VocabularySize;
     public int Capacity { get; }
+
+    /// <summary>Whether decode steps replay captured CUDA graphs.</summary>
+    public bool UsesCudaGraphs => _graphs is not null;
+
+    /// <summary>Decode-step graphs captured so far (one per context bound reached).</summary>
+    public int CapturedGraphs => _graphs?.Count(graph => graph is not null) ?? 0;
     public int Length => _length;
 
     /// <summary>Device bytes this session holds: KV cache, activations and workspace.</summary>
@@ -244,13 +274,23 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         for (int start = 0; start < tokens.Length; start += _chunk)
         {
             int count = Math.Min(_chunk, tokens.Length - start);
-            var views = count == 1 ? _decode : new Views(this, count);
+            bool wanted = allPositions || start + count == tokens.Length;
+            if (count == 1)
+            {
+                Decode(tokens[start]);
+                if (wanted)
+                {
+                    Download(_decode.LastLogits, _decode.LastLogitsF32, logits.Slice(allPositions ? start * vocabulary : 0, vocabulary));
+                }
+                continue;
+            }
+            var views = new Views(this, count);
             ForwardChunk(tokens.Slice(start, count), views);
             if (allPositions)
             {
                 Head(views, allRows: true, logits.Slice(start * vocabulary, count * vocabulary));
             }
-            else if (start + count == tokens.Length)
+            else if (wanted)
             {
                 Head(views, allRows: false, logits[..vocabulary]);
             }
@@ -306,14 +346,21 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             throw new ArgumentException($"sample: stats need {fields} values and top-{topK} (0..{KernelLM.Runtime.Signals.VocabStats.MaxTopK}) ids and log-probs");
         }
         DecoderChecks.Tokens(feed, _length, Capacity, vocabulary);
-        Views views = _decode;
         for (int start = 0; start < feed.Length; start += _chunk)
         {
             int count = Math.Min(_chunk, feed.Length - start);
-            views = count == 1 ? _decode : new Views(this, count);
+            if (count == 1)
+            {
+                Decode(feed[start]);   // leaves the logits in _decode.LastLogits
+                continue;
+            }
+            var views = new Views(this, count);
             ForwardChunk(feed.Slice(start, count), views);
+            if (start + count == feed.Length)
+            {
+                LastRowLogits(views);
+            }
         }
-        LastRowLogits(views);
 
         // The history the penalty reads: every token fed so far, on the device.
         int first = _length - feed.Length;
@@ -390,7 +437,12 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     /// <summary>Runs one chunk and leaves every position's logits on the device ([count, vocab], model dtype).</summary>
     private DeviceTensor AllLogits(ReadOnlySpan<int> tokens)
     {
-        var views = tokens.Length == 1 ? _decode : new Views(this, tokens.Length);
+        if (tokens.Length == 1)
+        {
+            Decode(tokens[0]);
+            return _decode.Logits;
+        }
+        var views = new Views(this, tokens.Length);
         ForwardChunk(tokens, views);
         RowsLogits(views);
         return views.Logits;
@@ -448,61 +500,126 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         widened.Download(destination);
     }
 
+    /// <summary>One prefill chunk (two or more tokens) at positions Length.., eagerly on the default stream.</summary>
     private void ForwardChunk(ReadOnlySpan<int> tokens, Views views)
     {
-        var config = _model.Config;
         int count = tokens.Length;
         int start = _length;
-        float epsilon = (float)config.RmsNormEpsilon;
         views.Ids.Upload(tokens);
         Span<int> position = [start];
         _starts.Upload<int>(position);
         position[0] = start + count;
         _lengths.Upload<int>(position);
+        Enqueue(views, views.Ids, _starts, _lengths, maxLength: start + count, stream: 0);
+        _length = start + count;
+    }
 
-        CudaOps.Embedding(_device, _model.Embedding, views.Ids, views.Embedded);
+    /// <summary>The context bound a decode step at <paramref name="position"/> launches attention for: a power-of-two
+    /// multiple of <see cref="DecodeBucketMin"/>, at most the capacity.</summary>
+    private int DecodeBound(int position) => Math.Min(Capacity, DecodeBucketMin << BucketIndex(position + 1));
+
+    private static int BucketIndex(int length)
+    {
+        int index = 0;
+        while ((long)DecodeBucketMin << index < length)
+        {
+            index++;
+        }
+        return index;
+    }
+
+    /// <summary>One decode step: the token at position Length, through the last logits (left in <c>_decode.LastLogits</c>),
+    /// by replaying the step's CUDA graph or, without graphs, launching the same kernels with the same bounds.</summary>
+    private void Decode(int token)
+    {
+        int start = _length;
+        Span<int> step = [token, start, start + 1, 0];
+        _step.Upload<int>(step);
+        int bucket = BucketIndex(start + 1);
+        if (_graphs is null)
+        {
+            EnqueueDecode(DecodeBound(start), 0);
+        }
+        else
+        {
+            var graph = _graphs[bucket] ??= CudaGraph.Capture(_device, _stream, (this, DecodeBound(start)),
+                static (state, stream) => state.Item1.EnqueueDecode(state.Item2, stream));
+            graph.Launch(_stream);
+        }
+        _length = start + 1;
+    }
+
+    /// <summary>Every kernel of a decode step, reading the token, position and length from <c>_step</c>.</summary>
+    private void EnqueueDecode(int maxLength, nint stream)
+    {
+        Enqueue(_decode, _stepId, _stepStart, _stepLength, maxLength, stream);
+        var config = _model.Config;
+        CudaOps.RmsNorm(_device, _decode.X, _model.FinalNorm, (float)config.RmsNormEpsilon, _decode.LastNorm, stream);
+        CudaOps.Linear(_device, _model.LmHead, _decode.LastNorm, _decode.LastLogits, stream: stream);
+    }
+
+    /// <summary>The blocks for views.Tokens tokens whose ids, first position and valid length are in device memory;
+    /// every host value passed here is the same for each replay of a captured decode step.</summary>
+    private void Enqueue(Views views, DeviceTensor ids, DeviceTensor starts, DeviceTensor lengths, int maxLength, nint stream)
+    {
+        var config = _model.Config;
+        int count = views.Tokens;
+        float epsilon = (float)config.RmsNormEpsilon;
+        CudaOps.Embedding(_device, _model.Embedding, ids, views.Embedded, stream);
         if (!ReferenceEquals(_embedded, _x))
         {
-            CudaOps.Convert(_device, views.Embedded, views.X);
+            CudaOps.Convert(_device, views.Embedded, views.X, stream);
         }
         for (int layer = 0; layer < config.Layers; layer++)
         {
             var weights = _model.Layers[layer];
-            CudaOps.RmsNorm(_device, views.X, weights.AttentionNorm, epsilon, views.Norm);
-            CudaOps.Linear(_device, weights.Query, views.Norm, views.Q, weights.QueryBias);
-            CudaOps.Linear(_device, weights.Key, views.Norm, views.K, weights.KeyBias);
-            CudaOps.Linear(_device, weights.Value, views.Norm, views.V, weights.ValueBias);
-            CudaOps.Rope(_device, views.Q, config.Heads, _model.InverseFrequencies, start);
-            CudaOps.KvAppend(_device, views.KHeads, views.VHeads, _starts, _model.InverseFrequencies, _keyCache[layer], _valueCache[layer]);
+            CudaOps.RmsNorm(_device, views.X, weights.AttentionNorm, epsilon, views.Norm, stream);
+            CudaOps.Linear(_device, weights.Query, views.Norm, views.Q, weights.QueryBias, stream: stream);
+            CudaOps.Linear(_device, weights.Key, views.Norm, views.K, weights.KeyBias, stream: stream);
+            CudaOps.Linear(_device, weights.Value, views.Norm, views.V, weights.ValueBias, stream: stream);
+            CudaOps.Rope(_device, views.Q, config.Heads, _model.InverseFrequencies, starts, 0, stream);
+            CudaOps.KvAppend(_device, views.KHeads, views.VHeads, starts, _model.InverseFrequencies, _keyCache[layer], _valueCache[layer], stream);
             if (count == 1)
             {
-                CudaOps.AttentionDecode(_device, views.QDecode, _keyCache[layer], _valueCache[layer], _lengths, start + 1, config.SlidingWindow,
-                    _workspace, views.AttentionDecode);
+                CudaOps.AttentionDecode(_device, views.QDecode, _keyCache[layer], _valueCache[layer], lengths, maxLength, config.SlidingWindow,
+                    _workspace, views.AttentionDecode, stream: stream);
             }
             else
             {
-                CudaOps.AttentionPrefill(_device, views.QHeads, _keyCache[layer], _valueCache[layer], _starts, config.SlidingWindow, views.AttentionHeads);
+                CudaOps.AttentionPrefill(_device, views.QHeads, _keyCache[layer], _valueCache[layer], starts, config.SlidingWindow, views.AttentionHeads,
+                    stream: stream);
             }
-            CudaOps.Linear(_device, weights.Output, views.Attention, views.X, weights.OutputBias, residual: views.X);
+            CudaOps.Linear(_device, weights.Output, views.Attention, views.X, weights.OutputBias, residual: views.X, stream: stream);
 
-            CudaOps.RmsNorm(_device, views.X, weights.MlpNorm, epsilon, views.Norm);
+            CudaOps.RmsNorm(_device, views.X, weights.MlpNorm, epsilon, views.Norm, stream);
             if (count <= CudaOps.GemvMaxTokens)
             {
-                CudaOps.GemvSilu(_device, weights.Gate, weights.Up, views.Norm, views.Gate);
+                CudaOps.GemvSilu(_device, weights.Gate, weights.Up, views.Norm, views.Gate, stream);
             }
             else
             {
-                CudaOps.Gemm(_device, weights.Gate, views.Norm, views.Gate);
-                CudaOps.Gemm(_device, weights.Up, views.Norm, views.Up);
-                CudaOps.SiluMultiply(_device, views.Gate, views.Up);
+                CudaOps.Gemm(_device, weights.Gate, views.Norm, views.Gate, stream: stream);
+                CudaOps.Gemm(_device, weights.Up, views.Norm, views.Up, stream: stream);
+                CudaOps.SiluMultiply(_device, views.Gate, views.Up, stream);
             }
-            CudaOps.Linear(_device, weights.Down, views.Gate, views.X, residual: views.X);
+            CudaOps.Linear(_device, weights.Down, views.Gate, views.X, residual: views.X, stream: stream);
         }
-        _length = start + count;
     }
 
     private void FreeAll()
     {
+        if (_graphs is not null)
+        {
+            for (int i = 0; i < _graphs.Length; i++)
+            {
+                _graphs[i]?.Dispose();
+                _graphs[i] = null;
+            }
+        }
+        if (_stream != 0)
+        {
+            _device.Backend.DestroyStream(_stream);
+        }
         foreach (var tensor in _owned)
         {
             tensor.Dispose();

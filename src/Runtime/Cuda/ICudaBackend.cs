@@ -75,6 +75,35 @@ public interface ICudaBackend : IDisposable
 
     /// <summary>Enqueues a launch on the stream; never synchronises (except the debug switch).</summary>
     void Launch(nint function, Dim3 grid, Dim3 block, int dynamicSharedBytes, nint stream, ReadOnlySpan<nint> arguments);
+
+    /// <summary>Starts recording the work enqueued on <paramref name="stream"/> (a created stream, never 0) into a graph
+    /// instead of running it (thread-local capture mode). Host copies and synchronisations of that stream, work on the
+    /// legacy default stream, and device allocation on this thread are refused until <see cref="EndCapture"/>.</summary>
+    void BeginCapture(nint stream);
+
+    /// <summary>Ends the capture and instantiates what was recorded: an executable graph for <see cref="LaunchGraph"/>.
+    /// Throws (and ends the capture) when a refused call invalidated it.</summary>
+    nint EndCapture(nint stream);
+
+    /// <summary>Enqueues the graph's work on <paramref name="stream"/>, with the argument values captured.</summary>
+    void LaunchGraph(nint graph, nint stream);
+
+    void DestroyGraph(nint graph);
+
+    /// <summary>Page-locked host memory (cuMemHostAlloc): copies from it run asynchronously, overlapping host work.</summary>
+    nint AllocatePinned(long bytes);
+
+    void FreePinned(nint host);
+
+    /// <summary>Enqueues a copy from page-locked memory (<see cref="AllocatePinned"/>) to the device. The source must
+    /// stay unchanged until the stream, or an event recorded after the copy, has been synchronised.</summary>
+    void CopyPinnedToDevice(ulong destination, nint source, long bytes, nint stream);
+
+    /// <summary>An event recorded on <paramref name="stream"/> after the work enqueued so far; pass it once to
+    /// <see cref="SynchronizeEvent"/>, which waits for that work and releases the event.</summary>
+    nint RecordEvent(nint stream);
+
+    void SynchronizeEvent(nint @event);
 }
 
 /// <summary>A CUDA driver, NVRTC, cuBLAS or emulator failure: the API's enum name, its own error string,

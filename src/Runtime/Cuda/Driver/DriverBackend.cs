@@ -16,7 +16,7 @@ namespace KernelLM.Runtime.Cuda.Driver;
 /// Debug switch: KERNELLM_CUDA_SYNC=1 (or <see cref="SynchronizeAfterLaunch"/>) synchronises after every
 /// launch so that a faulting kernel is named at its launch.
 /// </summary>
-public sealed class DriverBackend : ICudaBackend
+public sealed partial class DriverBackend : ICudaBackend
 {
     // Above 48 KiB of dynamic shared memory a kernel must opt in (cuFuncSetAttribute).
     private const int DefaultDynamicSharedLimit = 48 * 1024;
@@ -243,7 +243,7 @@ public sealed class DriverBackend : ICudaBackend
             result = cuLaunchKernel(function, (uint)grid.X, (uint)grid.Y, (uint)grid.Z, (uint)block.X, (uint)block.Y, (uint)block.Z,
                 (uint)dynamicSharedBytes, stream, (void**)pointers, null);
         }
-        if (result == CUresult.CUDA_SUCCESS && SynchronizeAfterLaunch)
+        if (result == CUresult.CUDA_SUCCESS && SynchronizeAfterLaunch && !IsCapturing(stream))
         {
             result = cuStreamSynchronize(stream);
         }
@@ -275,6 +275,9 @@ public sealed class DriverBackend : ICudaBackend
         }
         cuCtxSetCurrent(_context.DangerousGetHandle());
         cuCtxSynchronize();
+        DestroyGraphs();
+        DestroyCublas();
+        FreePinnedBuffers();
         foreach (var (address, bytes) in allocations)
         {
             cuMemFree_v2(address);

@@ -114,6 +114,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         lock (_lock)
         {
             ThrowIfDisposed();
+            RefuseAllocationDuringCapture("Allocate");
             var allocation = _heap.Allocate(bytes);
             EmulatorMemoryCounters.Add(allocation.Bytes, 1);
             return allocation.Address;
@@ -125,6 +126,8 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         lock (_lock)
         {
             ThrowIfDisposed();
+            RefuseAllocationDuringCapture("Free");
+            DrainCopies();
             var (allocation, damage) = _heap.Free(address);
             EmulatorMemoryCounters.Add(-allocation.Bytes, -1);
             if (damage is not null)
@@ -150,6 +153,8 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             CheckStream(stream);
+            RefuseDuringCapture(stream, "CopyHostToDevice");
+            DrainCopies();
             byte* target = _heap.Resolve(destination, source.Length, "CopyHostToDevice");
             source.CopyTo(new Span<byte>(target, source.Length));
         }
@@ -161,6 +166,8 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             CheckStream(stream);
+            RefuseDuringCapture(stream, "CopyDeviceToHost");
+            DrainCopies();
             byte* origin = _heap.Resolve(source, destination.Length, "CopyDeviceToHost");
             new ReadOnlySpan<byte>(origin, destination.Length).CopyTo(destination);
         }
@@ -172,8 +179,14 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             CheckStream(stream);
+            DrainCopies();
             byte* origin = _heap.Resolve(source, bytes, "CopyDeviceToDevice (source)");
             byte* target = _heap.Resolve(destination, bytes, "CopyDeviceToDevice (destination)");
+            if (Captured(stream, "CopyDeviceToDevice") is { } nodes)
+            {
+                nodes.Add(GraphNode.Copy(destination, source, bytes));
+                return;
+            }
             Buffer.MemoryCopy(origin, target, bytes, bytes);
         }
     }
@@ -184,7 +197,14 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             CheckStream(stream);
-            NativeMemory.Fill(_heap.Resolve(destination, bytes, "Memset"), (nuint)bytes, value);
+            DrainCopies();
+            byte* target = _heap.Resolve(destination, bytes, "Memset");
+            if (Captured(stream, "Memset") is { } nodes)
+            {
+                nodes.Add(GraphNode.Fill(destination, value, bytes));
+                return;
+            }
+            NativeMemory.Fill(target, (nuint)bytes, value);
         }
     }
 
@@ -218,6 +238,8 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
         {
             ThrowIfDisposed();
             CheckStream(stream);
+            RefuseDuringCapture(stream, "Synchronize");
+            DrainCopies();
         }
     }
 
@@ -254,8 +276,13 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             for (int i = 0; i < count; i++)
             {
                 string name = KlmFault.Text(table[i].Name);
+                var sizes = new int[table[i].ParameterCount];
+                for (int p = 0; p < sizes.Length; p++)
+                {
+                    sizes[p] = (int)((uint*)table[i].ParameterSizes)[p];
+                }
                 _kernels.Add(new EmulatedKernel(module, name, table[i].Thunk, enter, table[i].ParameterCount,
-                    bounds.TryGetValue(name, out int limit) ? limit : null, staticShared, staticSharedBytes));
+                    bounds.TryGetValue(name, out int limit) ? limit : null, staticShared, staticSharedBytes) { ParameterSizes = sizes });
                 functions[name] = (nint)(_id << HandleIndexBits | (long)_kernels.Count);
             }
             _modules.Add(module);
@@ -271,51 +298,63 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             CheckStream(stream);
             var kernel = Resolve(function);
             Validate(kernel, grid, block, dynamicSharedBytes, arguments);
-            if (++_launchId > MaxLaunchId)
+            DrainCopies();
+            if (Captured(stream, "Launch") is { } nodes)
             {
-                // The shadow holds the launch id in 10 bits: forget every earlier launch's writes.
-                foreach (var allocation in _heap.Live)
-                {
-                    _runtime.Mark(_device.DangerousGetHandle(), allocation.Address - _heap.ArenaBase, (ulong)allocation.Bytes, true);
-                }
-                _launchId = 1;
+                nodes.Add(GraphNode.Launch(kernel, grid, block, dynamicSharedBytes, arguments));
+                return;
             }
-            var desc = new KlmLaunchDesc
+            Run(kernel, grid, block, dynamicSharedBytes, arguments);
+        }
+    }
+
+    /// <summary>Runs one validated launch (the caller holds the lock).</summary>
+    private void Run(EmulatedKernel kernel, Dim3 grid, Dim3 block, int dynamicSharedBytes, ReadOnlySpan<nint> arguments)
+    {
+        if (++_launchId > MaxLaunchId)
+        {
+            // The shadow holds the launch id in 10 bits: forget every earlier launch's writes.
+            foreach (var allocation in _heap.Live)
             {
-                Device = _device.DangerousGetHandle(),
-                Thunk = kernel.Thunk,
-                Enter = kernel.Enter,
-                DynamicSharedBytes = (uint)dynamicSharedBytes,
-                LaunchId = _launchId,
-                DeviceUsedBytes = (ulong)_heap.HighWater,
-                StaticShared = kernel.StaticShared,
-                StaticSharedBytes = kernel.StaticSharedBytes,
-                Parallelism = _options.Threads,
-                TimeoutMilliseconds = (int)Math.Clamp(_options.LaunchTimeout.TotalMilliseconds, 1, int.MaxValue),
-            };
-            desc.Grid[0] = (uint)grid.X;
-            desc.Grid[1] = (uint)grid.Y;
-            desc.Grid[2] = (uint)grid.Z;
-            desc.Block[0] = (uint)block.X;
-            desc.Block[1] = (uint)block.Y;
-            desc.Block[2] = (uint)block.Z;
-            KlmFault fault;
-            fixed (nint* parameters = arguments)
-            {
-                desc.Params = (nint)parameters;
-                _runtime.Launch(&desc, &fault);
+                _runtime.Mark(_device.DangerousGetHandle(), allocation.Address - _heap.ArenaBase, (ulong)allocation.Bytes, true);
             }
-            string? damage = CheckAllGuards();
-            if (fault.Kind != KlmFaultKind.None)
-            {
-                throw FaultException(kernel, fault, damage);
-            }
-            if (damage is not null)
-            {
-                throw new CudaException($"kernel '{kernel.Name}' ({kernel.Module.FileName}): out-of-bounds write: {damage} " +
-                                        "(a write the access checks did not see, such as memset)",
-                    EmulatorErrors.GuardCorrupted, fileName: kernel.Module.FileName);
-            }
+            _launchId = 1;
+        }
+        var desc = new KlmLaunchDesc
+        {
+            Device = _device.DangerousGetHandle(),
+            Thunk = kernel.Thunk,
+            Enter = kernel.Enter,
+            DynamicSharedBytes = (uint)dynamicSharedBytes,
+            LaunchId = _launchId,
+            DeviceUsedBytes = (ulong)_heap.HighWater,
+            StaticShared = kernel.StaticShared,
+            StaticSharedBytes = kernel.StaticSharedBytes,
+            Parallelism = _options.Threads,
+            TimeoutMilliseconds = (int)Math.Clamp(_options.LaunchTimeout.TotalMilliseconds, 1, int.MaxValue),
+        };
+        desc.Grid[0] = (uint)grid.X;
+        desc.Grid[1] = (uint)grid.Y;
+        desc.Grid[2] = (uint)grid.Z;
+        desc.Block[0] = (uint)block.X;
+        desc.Block[1] = (uint)block.Y;
+        desc.Block[2] = (uint)block.Z;
+        KlmFault fault;
+        fixed (nint* parameters = arguments)
+        {
+            desc.Params = (nint)parameters;
+            _runtime.Launch(&desc, &fault);
+        }
+        string? damage = CheckAllGuards();
+        if (fault.Kind != KlmFaultKind.None)
+        {
+            throw FaultException(kernel, fault, damage);
+        }
+        if (damage is not null)
+        {
+            throw new CudaException($"kernel '{kernel.Name}' ({kernel.Module.FileName}): out-of-bounds write: {damage} " +
+                                    "(a write the access checks did not see, such as memset)",
+                EmulatorErrors.GuardCorrupted, fileName: kernel.Module.FileName);
         }
     }
 
@@ -332,6 +371,7 @@ public sealed unsafe partial class EmulatorBackend : ICudaBackend
             {
                 module.Dispose();
             }
+            FreePinnedBuffers();
             // Like destroying a CUDA context: what is still allocated goes with it.
             EmulatorMemoryCounters.Add(-_heap.Live.Sum(allocation => allocation.Bytes), -_heap.LiveCount);
             _heap.Clear();

@@ -18,6 +18,10 @@ public static class EmulatorErrors
     public const string Assert = "CUDA_ERROR_ASSERT";
     public const string LaunchTimeout = "CUDA_ERROR_LAUNCH_TIMEOUT";
     public const string Deinitialized = "CUDA_ERROR_DEINITIALIZED";
+    public const string StreamCaptureUnsupported = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+    public const string StreamCaptureInvalidated = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+    public const string StreamCaptureImplicit = "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT";
+    public const string IllegalState = "CUDA_ERROR_ILLEGAL_STATE";
 
     /// <summary>Two threads access the same byte, at least one writes, with no barrier between them.</summary>
     public const string Race = "EMULATOR_ERROR_RACE";

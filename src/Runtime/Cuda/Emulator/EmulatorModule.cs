@@ -55,7 +55,11 @@ public sealed partial class EmulatorModule : IKernelModule
 
 /// <summary>One launchable kernel of a module (what a function handle of the emulator stands for).</summary>
 internal sealed record EmulatedKernel(EmulatorModule Module, string Name, nint Thunk, nint Enter, int ParameterCount,
-    int? LaunchBounds, nint StaticShared, ulong StaticSharedBytes);
+    int? LaunchBounds, nint StaticShared, ulong StaticSharedBytes)
+{
+    /// <summary>sizeof of each parameter (a graph capture copies the values a launch's arguments point at).</summary>
+    public required int[] ParameterSizes { get; init; }
+}
 
 /// <summary>Maps a code address of a faulting access back to source lines with addr2line (binutils, which
 /// g++ needs anyway); best effort: null when it is missing or knows nothing.</summary>
@@ -108,4 +112,5 @@ internal struct KlmKernel
     public nint Name;
     public nint Thunk;
     public int ParameterCount;
+    public nint ParameterSizes;   // const unsigned int*
 }

@@ -471,6 +471,7 @@ template <int N> using make_indices = indices<__integer_pack(N)...>;
 template <class F> struct traits;
 template <class... A> struct traits<void (*)(A...)> {
     static constexpr int count = sizeof...(A);
+    static constexpr unsigned int sizes[sizeof...(A) + 1] = {(unsigned int)sizeof(A)..., 0u};
     template <int... I> static void call(void (*kernel)(A...), void** params, indices<I...>) {
         kernel(*static_cast<A*>(params[I])...);
     }
@@ -484,7 +485,8 @@ template <auto Kernel> void thunk(void** params, const klm_thread_info* info) {
 }  // namespace klm_registration
 
 #define KLM_KERNEL(name) \
-    { #name, &klm_registration::thunk<&name>, klm_registration::traits<decltype(&name)>::count },
+    { #name, &klm_registration::thunk<&name>, klm_registration::traits<decltype(&name)>::count,   \
+      klm_registration::traits<decltype(&name)>::sizes },
 #define KLM_KERNEL_TABLE(...)                                                                     \
     static const klm_kernel klm_kernel_table[] = {__VA_ARGS__};                                   \
     extern "C" __attribute__((visibility("default"), no_sanitize_thread)) const klm_kernel*      \

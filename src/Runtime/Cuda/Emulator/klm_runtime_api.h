@@ -7,7 +7,7 @@
 // Plain C so that both sides and the C# declarations agree on the layout. Change KLM_API_VERSION with it.
 #pragma once
 
-#define KLM_API_VERSION 4
+#define KLM_API_VERSION 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -88,6 +88,8 @@ typedef struct klm_kernel {
     const char* name;
     klm_thunk thunk;
     int parameter_count;
+    // sizeof of each parameter, in order (so that a graph capture can copy the values a launch points at).
+    const unsigned int* parameter_sizes;
 } klm_kernel;
 
 // int klm_module_attach(const klm_api* api);                 -> KLM_API_VERSION of the module

@@ -53,7 +53,8 @@ public static partial class CudaOps
     }
 
     /// <summary>y = x W^T (+ bias) (+ residual) for any token count: the decode GEMV up to
-    /// <see cref="GemvMaxTokens"/> tokens, the GEMM beyond. What model code calls.</summary>
+    /// <see cref="GemvMaxTokens"/> tokens; beyond, cuBLAS where the backend has it (<see cref="CublasGemm"/>), else
+    /// the built-in GEMM. What model code calls.</summary>
     public static void Linear(CudaDevice device, DeviceTensor weight, DeviceTensor x, DeviceTensor y, DeviceTensor? bias = null,
         DeviceTensor? residual = null, nint stream = 0)
     {
@@ -62,10 +63,80 @@ public static partial class CudaOps
         {
             Gemv(device, weight, x, y, bias, residual, stream);
         }
+        else if (device.Backend is ICublasBackend { HasCublas: true })
+        {
+            CublasGemm(device, weight, x, y, bias, residual, stream);
+        }
         else
         {
             Gemm(device, weight, x, y, bias, residual, stream);
         }
+    }
+
+    /// <summary>Which engine <see cref="Linear"/> uses beyond <see cref="GemvMaxTokens"/> tokens on this device.</summary>
+    public static string PrefillGemmEngine(CudaDevice device) =>
+        device.Backend is ICublasBackend blas ? blas.CublasDescription : "the built-in GEMM kernel (no cuBLAS on this backend)";
+
+    /// <summary>
+    /// The same product as <see cref="Gemm"/> through cuBLAS (cublasGemmEx, fp32 compute): weight [rows, cols], x
+    /// [tokens, cols], y [tokens, rows]; bias [rows] F32 or null (added by add_bias after the product); residual or
+    /// null: when it is y itself the product accumulates into y (beta = 1), otherwise it is copied into y first.
+    /// Throws when the backend has no cuBLAS.
+    /// </summary>
+    public static void CublasGemm(CudaDevice device, DeviceTensor weight, DeviceTensor x, DeviceTensor y, DeviceTensor? bias = null,
+        DeviceTensor? residual = null, nint stream = 0)
+    {
+        const string op = "cublas_gemm";
+        var (rows, cols, tokens) = LinearShapes(op, weight, x, y, int.MaxValue);
+        CheckBiasAndResidual(op, rows, tokens, y, bias, residual);
+        if (device.Backend is not ICublasBackend { HasCublas: true } blas)
+        {
+            throw new CudaException($"{op}: {PrefillGemmEngine(device)}");
+        }
+        if (rows == 0 || tokens == 0)
+        {
+            return;
+        }
+        float beta = 0;
+        if (residual is not null)
+        {
+            if (residual.Address != y.Address)
+            {
+                device.Backend.CopyDeviceToDevice(y.Address, residual.Address, y.ByteLength, stream);
+            }
+            beta = 1;
+        }
+        blas.MatmulTransposed(weight.DType, weight.Address, x.Address, y.Address, rows, cols, tokens, beta, stream);
+        if (bias is not null)
+        {
+            AddBias(device, y, bias, stream);
+        }
+    }
+
+    /// <summary>y[t, r] += bias[r]: y [tokens, rows] (F32/BF16/F16), bias [rows] F32.</summary>
+    public static void AddBias(CudaDevice device, DeviceTensor y, DeviceTensor bias, nint stream = 0)
+    {
+        const string op = "add_bias";
+        RequireDType(y, op, DType.F32, DType.BF16, DType.F16);
+        RequireDType(bias, op, DType.F32);
+        int rows = checked((int)bias.ElementCount);
+        if (rows == 0 || y.ElementCount % rows != 0 || y.ElementCount / rows > 65535)
+        {
+            throw new ArgumentException($"{op}: tensor '{y.Name}' {y.ShapeText} is not [tokens <= 65535, {rows}] (rows from '{bias.Name}')");
+        }
+        int tokens = (int)(y.ElementCount / rows);
+        if (tokens == 0)
+        {
+            return;
+        }
+        Span<byte> values = stackalloc byte[KernelArguments.ValueBytes];
+        Span<nint> pointers = stackalloc nint[KernelArguments.MaxArguments];
+        var arguments = new KernelArguments(values, pointers);
+        arguments.Add(y.Address);
+        arguments.Add(bias.Address);
+        arguments.Add(rows);
+        device.Backend.Launch(device.Function(KernelName("add_bias", Suffix(y.DType))), new Dim3(Blocks(rows, 256), tokens), new Dim3(256), 0, stream,
+            arguments.Pointers);
     }
 
     private const int GemmTile = 64;
