@@ -114,7 +114,14 @@ public sealed class RoutedSession : IDecoderSession, IDeviceSampler
             _pieces = new string[small.VocabularySize];
             for (int id = 0; id < _pieces.Length; id++)
             {
-                _pieces[id] = tokenizer.Decode([id]);
+                try
+                {
+                    _pieces[id] = tokenizer.Decode([id]);
+                }
+                catch (Exception error) when (error is not OutOfMemoryException)
+                {
+                    _pieces[id] = ""; // an LM head's padding row past the tokenizer's vocabulary has no text
+                }
             }
             _tail = new char[options.HandoverDelimiter.Length];
         }
