@@ -27,7 +27,8 @@ public sealed class DeviceModel : IDisposable
     private readonly string? _directory;
 
     /// <param name="synthetic">A synthetic model on the CPU too (a second model next to tiny-stories).</param>
-    public DeviceModel(string deviceName, int seed = 11, CudaDevice? shareDevice = null, bool synthetic = false)
+    /// <param name="dtype">Of the synthetic model (f16: the CUDA session cannot sample on the device, the host path runs).</param>
+    public DeviceModel(string deviceName, int seed = 11, CudaDevice? shareDevice = null, bool synthetic = false, DType dtype = DType.F32)
     {
         if (deviceName == "cuda")
         {
@@ -37,7 +38,7 @@ public sealed class DeviceModel : IDisposable
         if (deviceName != "cpu" || synthetic)
         {
             _directory = TestPaths.NewTemporaryDirectory("adaptive-model");
-            directory = SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = seed });
+            directory = SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = dtype, Seed = seed });
         }
         _model = LlamaModel.Load(directory, new ModelLoadOptions { Threads = 2, ContextLength = 128, PrefillChunk = 16 });
         Tokenizer = HfTokenizer.Load(directory, _model.Config.BosTokenId, _model.Config.EosTokenIds);
@@ -239,6 +240,38 @@ public sealed class CudaRollbackTests(string deviceName)
         Assert.That(rolled.Length, Is.EqualTo(plain.Length));
         Assert.That(differentDraws, Is.GreaterThan(0), "the draws ahead differ from the kept ones (else a counter left ahead could not be seen)");
         Assert.That(() => ((ISessionRollback)rolled).Truncate(rolled.Length + 1), Throws.TypeOf<ArgumentOutOfRangeException>());
+    }
+
+    [Test]
+    public void Adaptive_decoding_on_the_host_path_leaves_the_cache_of_a_plain_decode()
+    {
+        // f16 logits: the session cannot sample on the device, so the generator takes the logits to the host.
+        using var f16 = new DeviceModel(deviceName, seed: 13, shareDevice: _model.Device, dtype: DType.F16);
+        int[] prompt = f16.Tokenizer.Encode("Once upon a time");
+        using var session = f16.NewSession();
+        Assert.That(((IDeviceSampler)session).CanSample, Is.False);
+        var stats = new GenerationStats();
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = 4,
+            Sampling = SamplingOptions.Greedy,
+            Adaptive = new AdaptiveDecodingOptions { Threshold = 0, Beams = 2, Lookahead = 2 },
+        };
+        var ids = Generator.Run(session, f16.Tokenizer, prompt, options, stats).Where(t => t.Id >= 0).Select(t => t.Id).ToList();
+        Assert.That(stats.Adaptive!.RolloutForwards, Is.GreaterThan(0));
+        using var plain = f16.NewSession();
+        var row = new float[f16.Vocabulary];
+        plain.Forward(prompt, row);
+        foreach (int id in ids.Take(ids.Count - 1))
+        {
+            plain.Forward([id], row);
+        }
+        Assert.That(session.Length, Is.EqualTo(plain.Length));
+        var expected = new float[f16.Vocabulary];
+        var actual = new float[f16.Vocabulary];
+        plain.Forward([ids[^1]], expected);
+        session.Forward([ids[^1]], actual);
+        Assert.That(actual, Is.EqualTo(expected), "logits of the next step after the rolled-back lookaheads");
     }
 }
 

@@ -100,6 +100,33 @@ public sealed class RoutingTests(string deviceName)
     }
 
     [Test]
+    public void Sampled_routing_is_reproducible_with_a_seed()
+    {
+        int[] prompt = _small.Tokenizer.Encode("Once upon a time");
+        float threshold = (float)MedianEntropy(prompt);
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = Tokens,
+            StopOnEos = false,
+            Sampling = new SamplingOptions { Temperature = 1.0f, TopK = 50, TopP = 0.95f, MinP = 0.02f, Seed = 7 },
+        };
+        (List<int> Ids, int Small, int Large) Run()
+        {
+            using var small = _small.NewSession();
+            using var large = _large.NewSession();
+            var routingStats = new RoutingStats();
+            using var routed = new RoutedSession(small, large, new RoutingOptions { EntropyThreshold = threshold }, routingStats);
+            var ids = Generator.Run(routed, _small.Tokenizer, prompt, options, new GenerationStats()).Where(t => t.Id >= 0).Select(t => t.Id).ToList();
+            return (ids, routingStats.SmallTokens, routingStats.LargeTokens);
+        }
+        var first = Run();
+        var again = Run();
+        Assert.That(again.Ids, Is.EqualTo(first.Ids));
+        Assert.That((again.Small, again.Large), Is.EqualTo((first.Small, first.Large)));
+        Assert.That(first.Small + first.Large, Is.EqualTo(Tokens));
+    }
+
+    [Test]
     public void With_two_copies_of_one_model_routing_changes_nothing()
     {
         int[] prompt = _small.Tokenizer.Encode("The little cat");
