@@ -458,36 +458,25 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         return output.Download<int>();
     }
 
-    public override float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
-    {
-        int tokens = x.Length / cols;
-        using var weightTensor = Upload("weight", dtype, weight, rows, cols);
-        using var input = Upload("x", dtype, x, tokens, cols);
-        using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
-        using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
-        CudaOps.Gemv(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
-        return Read(output);
-    }
+    public override float[] Gemv(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual) =>
+        Product(CudaOps.Gemv, dtype, weight, rows, cols, x, bias, residual);
 
-    public override float[] Gemm(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
-    {
-        int tokens = x.Length / cols;
-        using var weightTensor = Upload("weight", dtype, weight, rows, cols);
-        using var input = Upload("x", dtype, x, tokens, cols);
-        using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
-        using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
-        CudaOps.Gemm(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
-        return Read(output);
-    }
+    public override float[] Gemm(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual) =>
+        Product(CudaOps.Gemm, dtype, weight, rows, cols, x, bias, residual);
 
-    public override float[] Linear(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual)
+    public override float[] Linear(DType dtype, float[] weight, int rows, int cols, float[] x, float[]? bias, float[]? residual) =>
+        Product(CudaOps.Linear, dtype, weight, rows, cols, x, bias, residual);
+
+    /// <summary>y = x W^T (+ bias) (+ residual, accumulated into y) through one of the product ops.</summary>
+    private float[] Product(Action<CudaDevice, DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor?, DeviceTensor?, nint> op, DType dtype, float[] weight,
+        int rows, int cols, float[] x, float[]? bias, float[]? residual)
     {
         int tokens = x.Length / cols;
         using var weightTensor = Upload("weight", dtype, weight, rows, cols);
         using var input = Upload("x", dtype, x, tokens, cols);
         using var output = residual is null ? device.Allocate("y", dtype, tokens, rows) : Upload("y", dtype, residual, tokens, rows);
         using var biasTensor = bias is null ? null : Upload("bias", DType.F32, bias, rows);
-        CudaOps.Linear(device, weightTensor, input, output, biasTensor, residual is null ? null : output);
+        op(device, weightTensor, input, output, biasTensor, residual is null ? null : output, 0);
         return Read(output);
     }
 
