@@ -50,6 +50,7 @@ run)
     run_suite cuda "FullyQualifiedName~KernelLM.Tests.Cuda"
     run_suite conformance "FullyQualifiedName~Conformance"
     run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder|FullyQualifiedName~CudaSessionTests|FullyQualifiedName~CompositionDeviceTests"
+    run_suite adaptive "FullyQualifiedName~AdaptiveDecodingModelTests|FullyQualifiedName~CudaRollbackTests|FullyQualifiedName~RoutingTests"
     run_suite report "FullyQualifiedName~Report_on_the_gpu"
     if [ -f "$out/report.json" ]; then
         cat "$out/report.txt" >>"$out/summary.txt"
