@@ -33,7 +33,7 @@ public static class Roofline
     public static double TokensPerOperation(BenchmarkCase benchmark)
     {
         var type = benchmark.Descriptor.Type;
-        if (type == typeof(DecodeBenchmark))
+        if (type == typeof(DecodeBenchmark) || type == typeof(AdaptiveDecodingBenchmark))
         {
             return 1;
         }

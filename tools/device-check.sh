@@ -51,6 +51,7 @@ run)
     run_suite cuda "FullyQualifiedName~KernelLM.Tests.Cuda"
     run_suite conformance "FullyQualifiedName~Conformance"
     run_suite models "FullyQualifiedName~Golden|FullyQualifiedName~ReferenceDecoder|FullyQualifiedName~CudaSessionTests|FullyQualifiedName~CompositionDeviceTests"
+    run_suite adaptive "FullyQualifiedName~AdaptiveDecodingModelTests|FullyQualifiedName~CudaRollbackTests|FullyQualifiedName~RoutingTests"
     run_suite report "FullyQualifiedName~Report_on_the_gpu"
     # TokenSelect: sessions with selection on the device, then its report (kv_select.json / .txt: attention per layer
     # step at 32K..1M with and without selection, the score kernel's GB/s, 8B decode tokens/s at 128K).

@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Globalization;
 using KernelLM.Models;
 using KernelLM.Models.Llama;
+using KernelLM.Models.Routing;
 using KernelLM.Runtime;
 using KernelLM.Runtime.Generation;
 using KernelLM.Runtime.Sampling;
@@ -28,6 +29,7 @@ public static class Program
         root.Subcommands.Add(InfoCommand(output, errors));
         root.Subcommands.Add(NeedleCommand.Create(output, errors));
         root.Subcommands.Add(ScoreCommand.Create(output, errors));
+        root.Subcommands.Add(CalibrateEntropyCommand.Create(output, errors));
         root.Subcommands.Add(DoctorCommand.Create(output));
         return root;
     }
@@ -79,23 +81,38 @@ public static class Program
         var reports = new ReportOptions();
         var kvSelect = new KvSelectOption();
         var compose = new ComposeOptions();
+        var adaptive = new AdaptiveOptions();
         var command = new Command(name, description) { model, prompt, maxTokens, temperature, topK, topP, minP, repetition, seed, stop };
         device.AddTo(command);
         kvSelect.AddTo(command);
         reports.AddTo(command);
         compose.AddTo(command);
+        adaptive.AddTo(command);
         command.SetAction(result => Guard(result, errors, () =>
         {
             string directory = result.GetValue(model) ?? LanguageModel.DefaultModelDirectory;
             var report = reports.Read(result);
             var composeRequest = compose.Read(result);
+            var routing = adaptive.ReadRouting(result);
+            var adaptiveDecoding = adaptive.ReadAdaptive(result, directory);
+            if (routing is not null && adaptiveDecoding is not null)
+            {
+                throw new InvalidParameterException("--adaptive-decoding", "cannot be combined with --draft-model (the routed session does not roll back)");
+            }
+            // Adaptive decoding chooses greedily: it is the default temperature then, and an explicit other one is refused.
+            bool greedyDefault = adaptiveDecoding is not null && result.GetResult(temperature) is not { Implicit: false };
+            if (composeRequest is not null && (routing is not null || adaptiveDecoding is not null))
+            {
+                throw new InvalidParameterException(routing is not null ? "--draft-model" : "--adaptive-decoding",
+                    "cannot be combined with a composition (--compose, guidance or contrastive decoding)");
+            }
             var options = new GenerationOptions
             {
                 MaxNewTokens = result.GetValue(maxTokens),
                 StopStrings = result.GetValue(stop) ?? [],
                 Sampling = new SamplingOptions
                 {
-                    Temperature = result.GetValue(temperature),
+                    Temperature = greedyDefault ? 0 : result.GetValue(temperature),
                     TopK = result.GetValue(topK),
                     TopP = result.GetValue(topP),
                     MinP = result.GetValue(minP),
@@ -103,6 +120,7 @@ public static class Program
                     Seed = result.GetValue(seed),
                 },
                 Signals = report?.Signals,
+                Adaptive = adaptiveDecoding,
             };
             options.Validate();
             string text = result.GetValue(prompt) ?? DefaultPrompt;
@@ -113,6 +131,8 @@ public static class Program
             {
                 errors.WriteLine($"[composition: {composition.Description}]");
             }
+            using var draft = routing is null ? null : LoadWithProgress(routing.Value.Directory, device.Read(result), errors, shareDeviceWith: language);
+            var routingStats = new RoutingStats();
             var stats = new GenerationStats();
             var collector = report is null ? null : ReportRequest.Collect(language, text);
             output.Write(text);
@@ -126,7 +146,10 @@ public static class Program
             Console.CancelKeyPress += onCancel;
             try
             {
-                foreach (var token in composition?.Generate(text, options, stats, cancel.Token) ?? language.Generate(text, options, stats, cancel.Token))
+                var tokens = composition is not null ? composition.Generate(text, options, stats, cancel.Token)
+                    : draft is null ? language.Generate(text, options, stats, cancel.Token)
+                    : RoutedGeneration.Generate(language, draft, text, options, routing!.Value.Options, stats, routingStats, cancel.Token);
+                foreach (var token in tokens)
                 {
                     collector?.Add(token);
                     output.Write(token.Text);
@@ -145,6 +168,7 @@ public static class Program
             output.WriteLine();
             output.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"[{stats.GeneratedTokens} tokens, prompt {stats.PromptTokens} tokens at {stats.PrefillTokensPerSecond:F1} tok/s, decode {stats.DecodeTokensPerSecond:F1} tokens/s, {language.DeviceName}, finished: {stats.FinishReason}]"));
+            AdaptiveOptions.WriteSummary(output, stats, adaptiveDecoding, draft is null ? null : routingStats);
             report?.Write(collector!.Build(stats.FinishReason), errors);
             KvSelectOption.Report(language, errors);
             return 0;

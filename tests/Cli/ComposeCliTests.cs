@@ -94,6 +94,10 @@ public sealed class ComposeCliTests
         yield return new TestCaseData((object)new[] { "--contrastive-alpha", "0.2" }, "--contrastive-alpha", "--contrastive-amateur").SetName("compose_error(alpha without an amateur)");
         yield return new TestCaseData((object)new[] { "--contrastive-amateur", tiny, "--contrastive-alpha", "0" }, "--contrastive-alpha", "(0, 1]").SetName("compose_error(alpha 0)");
         yield return new TestCaseData((object)new[] { "--compose", tiny, "--guidance-negative-prompt", "x" }, "--compose", "use one").SetName("compose_error(two kinds)");
+        yield return new TestCaseData((object)new[] { "--compose", tiny, "--draft-model", tiny, "--route-entropy", "1" }, "--draft-model", "composition")
+            .SetName("compose_error(with routing)");
+        yield return new TestCaseData((object)new[] { "--compose", tiny, "--adaptive-decoding", "threshold=1" }, "--adaptive-decoding", "composition")
+            .SetName("compose_error(with adaptive decoding)");
     }
 
     [TestCaseSource(nameof(Errors))]

@@ -83,6 +83,43 @@ public sealed class KvSelectDeviceTests(string deviceName)
         }
     }
 
+    /// <summary>A rollback (Truncate) forgets the cached selections: with a cache that always hits, the cached list of the
+    /// last prefill chunk names positions past the shortened context's local window; reusing it would break the list's
+    /// order (the CPU refuses such a list). After the rollback both devices select anew and still agree.</summary>
+    [Test]
+    public void A_rollback_forgets_the_cached_selections()
+    {
+        SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 22 });
+        var select = new KvSelectOptions { TopK = 8, Initial = 2, Local = 4, CacheThreshold = -1f, Chunk = 16 };
+        using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 2, ContextLength = 96, KvSelect = select });
+        using var cpu = model.CreateSession();
+        using var uploaded = CudaLlamaModel.Upload(model, _device);
+        using var cuda = uploaded.CreateSession();
+        int vocabulary = model.Config.VocabularySize;
+        int[] prompt = Enumerable.Range(0, 48).Select(i => (i * 53 + 7) % vocabulary).ToArray();
+        var expected = new float[vocabulary];
+        var actual = new float[vocabulary];
+        cpu.Forward(prompt, expected);
+        cuda.Forward(prompt, actual);
+        for (int step = 0; step < 6; step++)
+        {
+            cpu.Forward([step + 3], expected);
+            cuda.Forward([step + 3], actual);
+        }
+        var before = cpu.KvSelectStatistics!.Value;
+        cpu.Truncate(20);
+        cuda.Truncate(20);
+        for (int step = 0; step < 6; step++)
+        {
+            cpu.Forward([step + 100], expected);
+            cuda.Forward([step + 100], actual);
+            Compare(expected, actual, $"decode step {step} after the rollback");
+        }
+        var after = cpu.KvSelectStatistics!.Value;
+        Assert.That(after.Selections, Is.EqualTo(before.Selections + 2), "the first step after the rollback selects anew in each of the 2 layers");
+        Assert.That(cuda.KvSelectStatistics, Is.EqualTo(after), "the device counts the same");
+    }
+
     private static double Compare(float[] expected, float[] actual, string what)
     {
         double tolerance = 2e-5 * (1 + expected.Max(Math.Abs));

@@ -29,7 +29,7 @@ namespace KernelLM.Models.Llama;
 /// so the two paths compute the same numbers bit for bit. KERNELLM_CUDA_GRAPHS=0 (or <c>cudaGraphs: false</c>)
 /// turns graphs off.
 /// </summary>
-public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDeviceSampler, KernelLM.Runtime.Composition.IDeviceLogits
+public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDeviceSampler, ISessionRollback, KernelLM.Runtime.Composition.IDeviceLogits
 {
     private readonly CudaLlamaModel _model;
     private readonly CudaDevice _device;
@@ -72,6 +72,8 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     private readonly DeviceTensor?[] _rowTopLogProbs = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
     private DeviceTensor? _rowStats;
     private readonly CudaKvSelector? _selector;  // TokenSelect (null: full attention)
+    private readonly int[] _drawLengths;          // [capacity]: the length at each random draw since Reset (rollback of _counters)
+    private int _draws;
     private int _length;
     private bool _disposed;
 
@@ -88,6 +90,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         _chunk = Math.Max(1, Math.Min(kvSelect?.Chunk ?? chunk, capacity));
         _keyCache = new DeviceTensor[c.Layers];
         _valueCache = new DeviceTensor[c.Layers];
+        _drawLengths = new int[capacity];
         try
         {
             for (int layer = 0; layer < c.Layers; layer++)
@@ -179,10 +182,34 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     {
         _length = 0;
         _selector?.Reset();
+        _draws = 0;
         if (_counters is not null)
         {
             Span<ulong> zero = [0UL];
             _counters.Upload<ulong>(zero);
+        }
+    }
+
+    /// <summary>
+    /// Rollback: keeps positions [0, length). The device token history needs nothing (ForwardSample writes a feed
+    /// at its positions and uploads the length); the draw counter goes back to the draws made at lengths up to
+    /// <paramref name="length"/>, so that a rolled-back run draws what a plain run of the kept tokens would.
+    /// </summary>
+    public void Truncate(int length)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        RollbackChecks.Length(length, _length);
+        _length = length;
+        _selector?.Invalidate();   // cached selections may list positions that are gone
+        int draws = _draws;
+        while (_draws > 0 && _drawLengths[_draws - 1] > length)
+        {
+            _draws--;
+        }
+        if (_draws != draws)
+        {
+            Span<ulong> counter = [(ulong)_draws];
+            _counters!.Upload<ulong>(counter);
         }
     }
 
@@ -399,6 +426,10 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             source = _penalized;
         }
         CudaOps.Sample(_device, source, vocabulary, options, _sampled!, uniforms: null, _counters, seed);
+        if (!options.IsGreedy)
+        {
+            _drawLengths[_draws++] = _length; // the kernel advanced the counter (greedy does not)
+        }
         // The numbers of the raw distribution (before penalty and temperature) for the chosen id.
         var rowIds = topK > 0 ? _rowTopIds[topK] ??= _topIds!.View("top_ids", DType.I32, 0, 1, topK) : null;
         var rowLogProbs = topK > 0 ? _rowTopLogProbs[topK] ??= _topLogProbs!.View("top_log_probs", DType.F32, 0, 1, topK) : null;

@@ -15,7 +15,7 @@ public delegate void ActivationObserver(string name, int layer, int tokens, Read
 /// allocates nothing. Activation names: embed, attn_norm, q, k, v, attn, attn_out (residual after
 /// attention), mlp_norm, mlp (gated product), out (residual after the MLP), final_norm.
 /// </summary>
-public sealed class LlamaSession : IDecoderSession
+public sealed class LlamaSession : IDecoderSession, ISessionRollback
 {
     private readonly LlamaModel _model;
     private readonly CpuDevice _device;
@@ -86,6 +86,14 @@ public sealed class LlamaSession : IDecoderSession
     {
         _cache.Length = 0;
         _selector?.Reset();
+    }
+
+    /// <summary>Rollback: positions [0, length) are kept as they are; the next Forward writes from there.</summary>
+    public void Truncate(int length)
+    {
+        RollbackChecks.Length(length, Length);
+        _cache.Length = length;
+        _selector?.Invalidate();   // cached selections may list positions that are gone
     }
 
     public void Forward(ReadOnlySpan<int> tokens, Span<float> logits, bool allPositions = false)

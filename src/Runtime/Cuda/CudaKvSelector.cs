@@ -69,6 +69,23 @@ public sealed class CudaKvSelector : IDisposable
         return tensors.Hook;
     }
 
+    /// <summary>Forgets every cached selection but keeps the counts (a rollback: the cached lists may name positions that
+    /// are gone): zeroes each sequence's valid flag. Synchronous uploads of 4 bytes; allocates nothing.</summary>
+    public void Invalidate()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        Span<byte> zero = stackalloc byte[sizeof(int)];
+        zero.Clear();
+        foreach (var layer in _layers)
+        {
+            for (int b = 0; b < layer.State.Shape[0]; b++)
+            {
+                // KV_SELECT_VALID is field 0 of the sequence's state.
+                _device.Backend.CopyHostToDevice(layer.State.Address + (ulong)(b * CudaOps.KvSelectStateFields * sizeof(int)), zero, 0);
+            }
+        }
+    }
+
     /// <summary>Forgets every cached selection and zeroes the counts (a new sequence). Synchronous uploads.</summary>
     public void Reset()
     {

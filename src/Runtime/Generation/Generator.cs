@@ -18,9 +18,19 @@ public sealed record GenerationOptions
     /// null (the default) computes none and costs nothing.</summary>
     public TokenSignalOptions? Signals { get; init; }
 
+    /// <summary>Adaptive decoding (greedy, or a lookahead rerank where the entropy is high); null = off. It chooses every
+    /// token itself, so it needs greedy sampling options without a repetition penalty.</summary>
+    public AdaptiveDecodingOptions? Adaptive { get; init; }
+
     public void Validate()
     {
         Signals?.Validate();
+        Adaptive?.Validate();
+        if (Adaptive is not null && (!Sampling.IsGreedy || Sampling.RepetitionPenalty != 1f))
+        {
+            throw new InvalidParameterException("adaptive-decoding",
+                $"chooses tokens greedily or by lookahead; it takes temperature 0 and repetition penalty 1 (not {Sampling.Temperature} and {Sampling.RepetitionPenalty})");
+        }
         if (MaxNewTokens < 1)
         {
             throw new InvalidParameterException("max-tokens", $"{MaxNewTokens} (must be >= 1)");
@@ -58,6 +68,9 @@ public sealed class GenerationStats
     public TimeSpan PrefillTime { get; internal set; }
     public TimeSpan DecodeTime { get; internal set; }
     public FinishReason FinishReason { get; internal set; }
+
+    /// <summary>What adaptive decoding did; null unless it was on.</summary>
+    public AdaptiveDecodingStats? Adaptive { get; internal set; }
 
     /// <summary>Sequence-level uncertainty of the streamed tokens; null unless signals were asked for.</summary>
     public UncertaintySummary? Uncertainty => _uncertainty?.Summary;
@@ -134,10 +147,18 @@ public static class Generator
         var single = new int[1];
         int token = 0;
         float logProbability = 0;
+        var adaptive = options.Adaptive is null ? null : new AdaptiveDecoder(session, options.Adaptive, tokenizer.EosTokenIds, onDevice);
+        stats.Adaptive = adaptive?.Stats;
 
         // Runs the fed tokens and decides the next one (its log-prob under the raw distribution).
         void Advance(int[] feed)
         {
+            if (adaptive is not null)
+            {
+                token = onDevice ? adaptive.StepOnDevice(feed, deviceSeed, deviceStats, deviceTopIds, deviceTopLogProbs) : adaptive.Step(feed, logits, out logProbability);
+                logProbability = onDevice ? deviceStats[(int)VocabStatsField.TokenLogProb] : logProbability;
+                return;
+            }
             if (onDevice)
             {
                 token = device!.ForwardSample(feed, options.Sampling, deviceSeed, topK, deviceStats, deviceTopIds, deviceTopLogProbs);

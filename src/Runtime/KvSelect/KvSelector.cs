@@ -71,6 +71,10 @@ public sealed unsafe class KvSelector
     /// <summary>The soft votes of the layer's last new selection, candidate c at c - init (for tests and reports).</summary>
     public ReadOnlySpan<float> LastVotes(int context) => _votes.AsSpan(0, Math.Max(0, context - Options.Initial - Options.Local));
 
+    /// <summary>Forgets every cached selection but keeps the counts (a rollback: the cached lists may name positions that
+    /// are gone).</summary>
+    public void Invalidate() => Array.Clear(_valid);
+
     /// <summary>Forgets every cached selection and the counts (a new sequence).</summary>
     public void Reset()
     {
