@@ -28,6 +28,14 @@
 //                 prefill: attends to the listed positions below starts[b] (the cached prefix) plus the chunk's
 //                 own positions, causally. Listed positions at or after the query are ignored in both.
 //                 The sliding window still applies to listed positions.
+//   rope_inv_freq [head_dim / 2] f32: compacted RoPE (TokenSelect's compacted position mode). The cache then holds
+//                 keys before RoPE and q comes unrotated; each K row used is rotated by its slot index (the index of
+//                 its position in the list, or the position itself without a list; prefill: the listed prefix is
+//                 slots 0..m-1 and chunk token t is slot m + t) and each query by its own slot (decode: the last slot,
+//                 i.e. the count of listed positions up to and including the query's, minus one; prefill: m + t), with
+//                 rope.cu's rotate-half and fp32 angle (slot x inv_freq[i], sincosf), in fp32 inside the kernel.
+//                 Without a list (full attention) slots are positions, so it equals standard RoPE up to rounding.
+//                 Null: keys and queries are used as given (bit for bit the kernel without the argument).
 //
 // Requirements checked by the op entries (src/Runtime/Cuda/Ops/Attention.cs): head_dim a multiple of 8 and at
 // most 256 (every row is whole 16-byte vectors in every dtype), heads a multiple of kv_heads. Values on the
@@ -61,6 +69,8 @@
 //   The padding makes lane j's row reads (16 B at a row stride of 16 mod 32 bytes) free of bank conflicts.
 //   Registers: per lane heads_per_block x (head_dim / 32) accumulators (8 x 2 or 8 x 4 in the head_dim 64 / 128
 //   variants, 4 x 8 in the any-head_dim one) plus m, l and a score per head; no spills (artifacts/ptxas-report.txt).
+//   Compacted RoPE: q is rotated in shared memory after it is staged; in step 2 a lane rotates its K row pair by pair
+//   (one sincosf per pair and key) while it scores, instead of the 16-byte vector path.
 //   Block: as many warps (up to 4) as fit in 100 KB of shared memory: 4 for 16-bit types up to head_dim 128,
 //   2 for f32 at 128 or 16-bit types at 256, 1 for f32 at 256 (the launcher's arithmetic, Ops/Attention.cs).
 //
@@ -72,6 +82,7 @@
 //   positions then the chunk's, or simply 0..; clipped to the block's causal and window range) are walked in
 //   tiles of 32:
 //     1. the block stages the K and V tiles in shared memory as f32 (16-byte loads, widened once);
+//        (compacted RoPE: the Q rows once after staging and each staged K row, in shared memory, behind a barrier)
 //     2. lane (row group, sub) computes S for its rows and the 8 key columns sub + 4j (q rows and K rows
 //        from shared memory as float4), applies scale, bias and the masks;
 //     3. row max over the 4 lanes of the group (2 shuffles), online softmax update, P to shared memory;
@@ -154,6 +165,17 @@ __device__ __forceinline__ int lower_bound(const int* __restrict__ list, int n, 
     return low;
 }
 
+// Compacted RoPE of one pair (i, i + half) of an f32 row in shared memory: rotate-half with angle = position x
+// inv_freq[i] in fp32 and sincosf, as rope.cu and kv_append.
+__device__ __forceinline__ void rope_pair(float* row, int half, int i, int position, const float* __restrict__ inv_freq) {
+    float sine, cosine;
+    sincosf((float)position * inv_freq[i], &sine, &cosine);
+    float x = row[i];
+    float y = row[i + half];
+    row[i] = x * cosine - y * sine;
+    row[i + half] = y * cosine + x * sine;
+}
+
 // ------------------------------------------------------------------ kv_append
 
 template <typename T>
@@ -203,8 +225,8 @@ template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void attention_decode_split(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, const int* __restrict__ lengths,
     const float* __restrict__ bias, const int* __restrict__ indices, const int* __restrict__ index_counts,
-    float* __restrict__ workspace, T* __restrict__ output, int heads, int kv_heads, int runtime_head_dim, int capacity,
-    int window, int max_indices, int slots_per_split, float scale) {
+    const float* __restrict__ rope_inv_freq, float* __restrict__ workspace, T* __restrict__ output, int heads, int kv_heads,
+    int runtime_head_dim, int capacity, int window, int max_indices, int slots_per_split, float scale) {
     constexpr int VEC = 16 / (int)sizeof(T);                                   // T values per 16-byte load
     constexpr int MAX_DIM = HEAD_DIM ? HEAD_DIM : ATTENTION_MAX_HEAD_DIM;
     constexpr int DIMS = MAX_DIM / 32;                                        // output dimensions per lane
@@ -254,6 +276,14 @@ __device__ __forceinline__ void attention_decode_split(
         q_s[i] = to_float(q_rows[i]);
     }
     __syncthreads();
+    if (rope_inv_freq != nullptr) {
+        // Compacted RoPE: the query sits at the last slot (its own position, which the list must hold).
+        const int half = head_dim / 2;
+        for (int i = threadIdx.x; i < head_count * half; i += blockDim.x) {
+            rope_pair(q_s + (i / half) * head_dim, half, i % half, slot_end - 1, rope_inv_freq);
+        }
+        __syncthreads();
+    }
 
     const long cache_base = ((long)b * kv_heads + kv) * capacity * head_dim;
     const T* k_rows = k_cache + cache_base;
@@ -303,7 +333,25 @@ __device__ __forceinline__ void attention_decode_split(
         for (int g = 0; g < MAX_HEADS; g++) {
             score[g] = 0.0f;
         }
-        if (key >= 0) {
+        if (key >= 0 && rope_inv_freq != nullptr) {
+            // Compacted RoPE: the lane's K row rotated by its slot index in fp32, pair (d, d + head_dim / 2) at a time.
+            const T* k_row = k_s + lane * pitch;
+            const int half = head_dim / 2;
+            for (int d = 0; d < half; d++) {
+                float sine, cosine;
+                sincosf((float)slot * rope_inv_freq[d], &sine, &cosine);
+                float x = to_float(k_row[d]);
+                float y = to_float(k_row[d + half]);
+                float rotated_x = x * cosine - y * sine;
+                float rotated_y = y * cosine + x * sine;
+#pragma unroll
+                for (int g = 0; g < MAX_HEADS; g++) {
+                    if (g < head_count) {
+                        score[g] += q_s[g * head_dim + d] * rotated_x + q_s[g * head_dim + d + half] * rotated_y;
+                    }
+                }
+            }
+        } else if (key >= 0) {
             const T* k_row = k_s + lane * pitch;
 #pragma unroll 4
             for (int d = 0; d < head_dim; d += VEC) {
@@ -461,8 +509,8 @@ template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void attention_prefill(
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, const int* __restrict__ starts,
     const float* __restrict__ bias, const int* __restrict__ indices, const int* __restrict__ index_counts,
-    T* __restrict__ output, int tokens, int heads, int kv_heads, int runtime_head_dim, int capacity, int window,
-    int max_indices, float scale) {
+    const float* __restrict__ rope_inv_freq, T* __restrict__ output, int tokens, int heads, int kv_heads, int runtime_head_dim,
+    int capacity, int window, int max_indices, float scale) {
     constexpr int VEC = 16 / (int)sizeof(T);
     constexpr int ROWS = HEAD_DIM ? 2 : 1;                                    // query rows per lane
     constexpr int BLOCK_M = PREFILL_WARPS * 8 * ROWS;                         // query rows per block
@@ -540,6 +588,16 @@ __device__ __forceinline__ void attention_prefill(
             store_float4(q_s + r * pitch + column + e, make_float4(values[e], values[e + 1], values[e + 2], values[e + 3]));
         }
     }
+    if (rope_inv_freq != nullptr) {
+        // Compacted RoPE: row r is token (first_row + r) / group of the chunk, at slot prefix + token (the rows past
+        // the chunk are zeros and stay zeros). The tile loop's first barrier publishes the rotated rows.
+        __syncthreads();
+        const int half = head_dim / 2;
+        for (int i = threadIdx.x; i < BLOCK_M * half; i += blockDim.x) {
+            int r = i / half;
+            rope_pair(q_s + r * pitch, half, i % half, prefix + (first_row + r) / group, rope_inv_freq);
+        }
+    }
 
     const long cache_base = ((long)b * kv_heads + kv) * capacity * head_dim;
     const T* k_rows = k_cache + cache_base;
@@ -590,6 +648,15 @@ __device__ __forceinline__ void attention_prefill(
             }
         }
         __syncthreads();
+        if (rope_inv_freq != nullptr) {
+            // Compacted RoPE: each staged K row rotated by its slot index (prefix slots 0..prefix-1, the chunk's after).
+            const int half = head_dim / 2;
+            for (int i = threadIdx.x; i < PREFILL_TILE * half; i += blockDim.x) {
+                int r = i / half;
+                rope_pair(k_s + r * pitch, half, i % half, tile + r, rope_inv_freq);
+            }
+            __syncthreads();
+        }
 
         // 2. S = Q K^T for the lane's rows and columns sub + 4 j, then scale, bias and masks.
         float s[ROWS][COLUMNS];
@@ -709,25 +776,25 @@ __device__ __forceinline__ void attention_prefill(
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_f32(
     const float* q, const float* k_cache, const float* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, float* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, float* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<float, 0>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<float, 0>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_f32_hd64(
     const float* q, const float* k_cache, const float* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, float* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, float* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<float, 64>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<float, 64>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_f32_hd128(
     const float* q, const float* k_cache, const float* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, float* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, float* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<float, 128>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<float, 128>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
@@ -737,49 +804,49 @@ extern "C" __global__ void attention_decode_merge_f32(const float* workspace, fl
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_f32(
     const float* q, const float* k_cache, const float* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, float* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<float, 0>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<float, 0>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_f32_hd64(
     const float* q, const float* k_cache, const float* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, float* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<float, 64>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<float, 64>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_f32_hd128(
     const float* q, const float* k_cache, const float* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, float* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<float, 128>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<float, 128>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_bf16(
     const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, bf16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, bf16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<bf16_t, 0>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<bf16_t, 0>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_bf16_hd64(
     const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, bf16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, bf16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<bf16_t, 64>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<bf16_t, 64>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_bf16_hd128(
     const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, bf16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, bf16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<bf16_t, 128>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<bf16_t, 128>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
@@ -789,49 +856,49 @@ extern "C" __global__ void attention_decode_merge_bf16(const float* workspace, b
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_bf16(
     const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, bf16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, bf16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<bf16_t, 0>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<bf16_t, 0>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_bf16_hd64(
     const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, bf16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, bf16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<bf16_t, 64>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<bf16_t, 64>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_bf16_hd128(
     const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, bf16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, bf16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<bf16_t, 128>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<bf16_t, 128>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_f16(
     const f16_t* q, const f16_t* k_cache, const f16_t* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, f16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, f16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<f16_t, 0>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<f16_t, 0>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_f16_hd64(
     const f16_t* q, const f16_t* k_cache, const f16_t* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, f16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, f16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<f16_t, 64>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<f16_t, 64>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_f16_hd128(
     const f16_t* q, const f16_t* k_cache, const f16_t* v_cache, const int* lengths, const float* bias, const int* indices,
-    const int* index_counts, float* workspace, f16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, float* workspace, f16_t* output, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, int slots_per_split, float scale) {
-    attention_decode_split<f16_t, 128>(q, k_cache, v_cache, lengths, bias, indices, index_counts, workspace, output, heads,
+    attention_decode_split<f16_t, 128>(q, k_cache, v_cache, lengths, bias, indices, index_counts, rope_inv_freq, workspace, output, heads,
         kv_heads, head_dim, capacity, window, max_indices, slots_per_split, scale);
 }
 
@@ -841,24 +908,24 @@ extern "C" __global__ void attention_decode_merge_f16(const float* workspace, f1
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_f16(
     const f16_t* q, const f16_t* k_cache, const f16_t* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, f16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, f16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<f16_t, 0>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<f16_t, 0>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_f16_hd64(
     const f16_t* q, const f16_t* k_cache, const f16_t* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, f16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, f16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<f16_t, 64>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<f16_t, 64>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }
 
 extern "C" __global__ __launch_bounds__(128, 2) void attention_prefill_f16_hd128(
     const f16_t* q, const f16_t* k_cache, const f16_t* v_cache, const int* starts, const float* bias, const int* indices,
-    const int* index_counts, f16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
+    const int* index_counts, const float* rope_inv_freq, f16_t* output, int tokens, int heads, int kv_heads, int head_dim, int capacity, int window,
     int max_indices, float scale) {
-    attention_prefill<f16_t, 128>(q, k_cache, v_cache, starts, bias, indices, index_counts, output, tokens, heads, kv_heads,
+    attention_prefill<f16_t, 128>(q, k_cache, v_cache, starts, bias, indices, index_counts, rope_inv_freq, output, tokens, heads, kv_heads,
         head_dim, capacity, window, max_indices, scale);
 }

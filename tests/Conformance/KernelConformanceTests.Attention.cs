@@ -17,6 +17,14 @@ public sealed partial class KernelConformanceTests
     private const string BiasHook = "bias";
     private const string IndexHook = "indices";
     private const string BothHooks = "bias+indices";
+    // Compacted RoPE (TokenSelect's compacted positions): the caches hold keys before RoPE, q is unrotated.
+    private const string RopeHook = "rope";
+    private const string IndexRopeHook = "indices+rope";
+    private const string AllHooks = "bias+indices+rope";
+
+    private static bool HasBias(string hook) => hook.StartsWith("bias", StringComparison.Ordinal);
+    private static bool HasIndices(string hook) => hook.Contains("indices", StringComparison.Ordinal);
+    private static bool HasRope(string hook) => hook.EndsWith("rope", StringComparison.Ordinal);
 
     // ------------------------------------------------------------------ kv_append
 
@@ -97,6 +105,12 @@ public sealed partial class KernelConformanceTests
             (8, 2, 64, 2, 500, 0, 3, IndexHook),
             (8, 2, 64, 2, 500, 100, 3, IndexHook),
             (8, 2, 96, 2, 333, 0, 2, BothHooks),
+            (8, 2, 64, 2, 300, 0, 3, RopeHook),
+            (8, 2, 64, 2, 500, 0, 3, IndexRopeHook),
+            (32, 8, 128, 1, 1100, 0, 0, IndexRopeHook),
+            (12, 4, 80, 2, 200, 0, 1, IndexRopeHook),
+            (8, 2, 64, 2, 500, 100, 2, IndexRopeHook),
+            (8, 2, 96, 2, 333, 0, 2, AllHooks),
         }
         select new object[]
         {
@@ -149,6 +163,11 @@ public sealed partial class KernelConformanceTests
             (8, 2, 64, 1, 500, 40, 0, IndexHook),
             (8, 2, 128, 1, 300, 50, 40, IndexHook),
             (8, 2, 96, 2, 120, 17, 0, BothHooks),
+            (8, 2, 64, 1, 100, 37, 0, RopeHook),
+            (8, 2, 64, 2, 500, 40, 0, IndexRopeHook),
+            (8, 2, 128, 1, 300, 50, 40, IndexRopeHook),
+            (12, 4, 80, 1, 150, 20, 0, IndexRopeHook),
+            (8, 2, 96, 2, 120, 17, 0, AllHooks),
         }
         select new object[]
         {
@@ -197,7 +216,7 @@ public sealed partial class KernelConformanceTests
             OpBackend.Representable(dtype, Random(seed, cacheElements, 2)), OpBackend.Representable(dtype, Random(seed + 1, cacheElements, 3)), window);
         var random = new Random(seed + 2);
         float[]? bias = null;
-        if (hook is BiasHook or BothHooks)
+        if (HasBias(hook))
         {
             bias = new float[batch * heads * capacity];
             for (int b = 0; b < batch; b++)
@@ -221,7 +240,7 @@ public sealed partial class KernelConformanceTests
             }
         }
         int[][]? selected = null;
-        if (hook is IndexHook or BothHooks)
+        if (HasIndices(hook))
         {
             selected = new int[batch][];
             for (int b = 0; b < batch; b++)
@@ -240,7 +259,11 @@ public sealed partial class KernelConformanceTests
                 selected[b] = [.. list];
             }
         }
-        return problem with { Bias = bias, Selected = selected };
+        // Compacted RoPE: inv_freq of rope_theta 10000, as RopeTable computes it (fp32).
+        float[]? frequencies = HasRope(hook)
+            ? Enumerable.Range(0, headDim / 2).Select(i => 1f / MathF.Pow(10000f, (float)(2 * i) / headDim)).ToArray()
+            : null;
+        return problem with { Bias = bias, Selected = selected, RopeInverseFrequencies = frequencies };
     }
 
     /// <summary>max |q . k| over the queries of each sequence (q: [batch, rows, heads, head_dim]) and every key of
@@ -269,6 +292,17 @@ public sealed partial class KernelConformanceTests
         return max;
     }
 
+    /// <summary>The largest Euclidean norm of the rows of <paramref name="rows"/> (rows of <paramref name="width"/> values).</summary>
+    private static double MaxNorm(float[] rows, int width)
+    {
+        double max = 0;
+        for (int offset = 0; offset + width <= rows.Length; offset += width)
+        {
+            max = Math.Max(max, System.Numerics.Tensors.TensorPrimitives.Norm(rows.AsSpan(offset, width)));
+        }
+        return max;
+    }
+
     /// <summary>ReferenceOps.Attention for sequence b: its cache in [position, kv_head, head_dim] order, its bias and list.</summary>
     private static double[] Reference(AttentionProblem problem, int b, ReadOnlySpan<float> q, int tokens, int start)
     {
@@ -293,7 +327,42 @@ public sealed partial class KernelConformanceTests
         {
             query[i] = q[i];
         }
+        if (problem.RopeInverseFrequencies is { } frequencies)
+        {
+            // Compacted RoPE: key j at its slot (its index in the list below start, m + (j - start) from start on, j
+            // without a list; a key that is neither listed nor in the chunk is never visible), query t at m + t.
+            int[]? list = problem.Selected?[b];
+            int m = list is null ? start : list.Count(position => position < start);
+            for (int j = 0; j < capacity; j++)
+            {
+                int slot = list is null ? j : j >= start ? m + (j - start) : Math.Max(0, Array.IndexOf(list, j));
+                for (int h = 0; h < kvHeads; h++)
+                {
+                    RotateReference(keys.AsSpan((j * kvHeads + h) * headDim, headDim), slot, frequencies);
+                }
+            }
+            for (int t = 0; t < tokens; t++)
+            {
+                for (int h = 0; h < problem.Heads; h++)
+                {
+                    RotateReference(query.AsSpan((t * problem.Heads + h) * headDim, headDim), m + t, frequencies);
+                }
+            }
+        }
         return ReferenceOps.Attention(query, tokens, problem.Heads, keys, values, kvHeads, headDim, start, problem.Window, bias, capacity, problem.Selected?[b]);
+    }
+
+    /// <summary>Rotate-half in fp64 with the kernels' fp32 angle (slot x inv_freq rounded to fp32), as rope.cu.</summary>
+    private static void RotateReference(Span<double> row, int slot, float[] frequencies)
+    {
+        int half = row.Length / 2;
+        for (int i = 0; i < half; i++)
+        {
+            double angle = (float)slot * frequencies[i];
+            double x = row[i], y = row[i + half];
+            row[i] = x * Math.Cos(angle) - y * Math.Sin(angle);
+            row[i + half] = y * Math.Cos(angle) + x * Math.Sin(angle);
+        }
     }
 
     /// <summary>Tolerances.Attention over at most <paramref name="keys"/> keys, with the largest |score| of the data
@@ -302,9 +371,21 @@ public sealed partial class KernelConformanceTests
     private static void AssertAttention(float[] output, double[] expected, AttentionProblem problem, float[] q, DType dtype, int keys, string what)
     {
         double maxBias = problem.Bias?.Where(float.IsFinite).Select(x => Math.Abs(x)).DefaultIfEmpty(0f).Max() ?? 0;
-        double maxScore = MaxAbsoluteDot(problem, q) / Math.Sqrt(problem.HeadDim) + maxBias;
         double maxValue = problem.Values.Max(x => Math.Abs(x));
-        double bound = Tolerances.Attention(problem.HeadDim, keys, maxScore, maxValue);
+        double maxScore, bound;
+        if (problem.RopeInverseFrequencies is null)
+        {
+            maxScore = MaxAbsoluteDot(problem, q) / Math.Sqrt(problem.HeadDim) + maxBias;
+            bound = Tolerances.Attention(problem.HeadDim, keys, maxScore, maxValue);
+        }
+        else
+        {
+            // Rotation keeps norms: |q_rot . k_rot| <= |q| |k|; the fp32 rotation of both adds its own score error.
+            double normProduct = MaxNorm(q, problem.HeadDim) * MaxNorm(problem.Keys, problem.HeadDim);
+            maxScore = normProduct / Math.Sqrt(problem.HeadDim) + maxBias;
+            bound = Tolerances.Attention(problem.HeadDim, keys, maxScore, maxValue)
+                    + 2 * Tolerances.CompactedRopeScore(normProduct) / Math.Sqrt(problem.HeadDim) * maxValue;
+        }
         AssertClose(output, expected, i => bound + StorageRoundoff(dtype) * Math.Abs(expected[i]) + StorageFloor(dtype), what);
         if (problem.Bias is not null)
         {

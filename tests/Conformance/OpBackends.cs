@@ -17,6 +17,9 @@ public sealed record AttentionProblem(int Batch, int Heads, int KvHeads, int Hea
 
     public int[][]? Selected { get; init; }
 
+    /// <summary>[head_dim / 2]: compacted RoPE inside attention (the caches then hold keys before RoPE, q is unrotated).</summary>
+    public float[]? RopeInverseFrequencies { get; init; }
+
     public int CacheElements => Batch * KvHeads * Capacity * HeadDim;
 }
 
@@ -316,7 +319,25 @@ public sealed unsafe class CpuOpBackend : OpBackend
     {
         int span = problem.Heads * problem.Capacity;
         var bias = problem.Bias is null ? default : problem.Bias.AsSpan(b * span, span);
-        return problem.Selected is null ? new AttentionHook { KeyBias = bias } : new AttentionHook { KeyBias = bias, SelectedPositions = problem.Selected[b] };
+        var hook = problem.Selected is null ? new AttentionHook { KeyBias = bias } : new AttentionHook { KeyBias = bias, SelectedPositions = problem.Selected[b] };
+        if (problem.RopeInverseFrequencies is { } frequencies)
+        {
+            // The model's tables (RopeTable.Build): fp32 angle, cos/sin rounded to fp32.
+            int half = frequencies.Length;
+            var cos = new float[problem.Capacity * half];
+            var sin = new float[cos.Length];
+            for (int p = 0; p < problem.Capacity; p++)
+            {
+                for (int i = 0; i < half; i++)
+                {
+                    float angle = p * frequencies[i];
+                    cos[p * half + i] = (float)Math.Cos(angle);
+                    sin[p * half + i] = (float)Math.Sin(angle);
+                }
+            }
+            hook = hook with { RopeCos = cos, RopeSin = sin };
+        }
+        return hook;
     }
 
     /// <summary>Sequence b of the problem's caches as a one-layer CPU KV cache ([kv_head, position, head_dim] is
@@ -621,12 +642,13 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
         }
     }
 
-    private sealed class HookTensors(DeviceTensor? bias, DeviceTensor? indices, DeviceTensor? counts) : IDisposable
+    private sealed class HookTensors(DeviceTensor? bias, DeviceTensor? indices, DeviceTensor? counts, DeviceTensor? frequencies = null) : IDisposable
     {
-        public DeviceAttentionHook Hook => new(bias, indices, counts);
+        public DeviceAttentionHook Hook => new(bias, indices, counts, frequencies);
 
         public void Dispose()
         {
+            frequencies?.Dispose();
             bias?.Dispose();
             indices?.Dispose();
             counts?.Dispose();
@@ -636,9 +658,12 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
     private HookTensors UploadHook(AttentionProblem problem)
     {
         DeviceTensor? bias = problem.Bias is null ? null : Upload("bias", DType.F32, problem.Bias, problem.Batch, problem.Heads, problem.Capacity);
+        DeviceTensor? frequencies = problem.RopeInverseFrequencies is { } values
+            ? Upload("rope_inv_freq", DType.F32, values, values.Length)
+            : null;
         if (problem.Selected is null)
         {
-            return new HookTensors(bias, null, null);
+            return new HookTensors(bias, null, null, frequencies);
         }
         // Rows padded past each count with a value no kernel may read as a position.
         int width = Math.Max(1, problem.Selected.Max(list => list.Length) + 3);
@@ -649,7 +674,7 @@ public sealed class CudaOpBackend(string name, CudaDevice device) : OpBackend
             problem.Selected[b].CopyTo(rows, b * width);
         }
         return new HookTensors(bias, UploadInts("indices", rows, problem.Batch, width),
-            UploadInts("index_counts", problem.Selected.Select(list => list.Length).ToArray(), problem.Batch));
+            UploadInts("index_counts", problem.Selected.Select(list => list.Length).ToArray(), problem.Batch), frequencies);
     }
 
     /// <summary>A tensor followed by <see cref="OpBackend.GuardElements"/> elements of a byte pattern (test-backend-ops'

@@ -44,14 +44,19 @@ public sealed class KvSelectDeviceTests(string deviceName)
     [TearDown]
     public void DeleteDirectory() => Directory.Delete(_directory, recursive: true);
 
-    [TestCase(1f, true)]
-    [TestCase(0.3f, true)]
-    [TestCase(0.3f, false)]
-    public void Cpu_and_device_sessions_select_alike(float cacheThreshold, bool cudaGraphs)
+    [TestCase(1f, true, KvSelectPositions.Standard)]
+    [TestCase(0.3f, true, KvSelectPositions.Standard)]
+    [TestCase(0.3f, false, KvSelectPositions.Standard)]
+    [TestCase(1f, true, KvSelectPositions.Compacted)]
+    [TestCase(0.3f, true, KvSelectPositions.Compacted)]
+    [TestCase(1f, false, KvSelectPositions.Compacted)]
+    public void Cpu_and_device_sessions_select_alike(float cacheThreshold, bool cudaGraphs, KvSelectPositions positions)
     {
         // An fp32 model: both sides differ only in summation order, so the votes agree to a few ulp and so do the lists.
+        // Compacted: both score unrotated queries and keys and rotate inside attention by the slots of the list (the CPU
+        // from the RoPE tables, the kernels with sincosf), so the lists agree and the logits to rounding.
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 21 });
-        var select = new KvSelectOptions { TopK = 8, Initial = 2, Local = 4, CacheThreshold = cacheThreshold, Chunk = 16 };
+        var select = new KvSelectOptions { TopK = 8, Initial = 2, Local = 4, CacheThreshold = cacheThreshold, Chunk = 16, Positions = positions };
         using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 2, ContextLength = 96, KvSelect = select });
         using var cpu = model.CreateSession();
         using var uploaded = CudaLlamaModel.Upload(model, _device);
@@ -73,7 +78,7 @@ public sealed class KvSelectDeviceTests(string deviceName)
         }
         var cpuCounts = cpu.KvSelectStatistics!.Value;
         var cudaCounts = cuda.KvSelectStatistics!.Value;
-        TestContext.Out.WriteLine($"cache {cacheThreshold}: max |cpu - cuda| = {worst:E3}; cpu {cpuCounts}; cuda {cudaCounts}");
+        TestContext.Out.WriteLine($"{positions}, cache {cacheThreshold}: max |cpu - cuda| = {worst:E3}; cpu {cpuCounts}; cuda {cudaCounts}");
         Assert.That((cudaCounts.Selections, cudaCounts.CacheHits), Is.EqualTo((cpuCounts.Selections, cpuCounts.CacheHits)), "same selections and hits");
         Assert.That(cpuCounts.Selections, Is.GreaterThan(0));
         Assert.That(cuda.CapturedGraphs, cudaGraphs ? Is.GreaterThan(0) : Is.Zero, "the decode steps (selection included) ran as captured graphs");
@@ -120,6 +125,40 @@ public sealed class KvSelectDeviceTests(string deviceName)
         Assert.That(cuda.KvSelectStatistics, Is.EqualTo(after), "the device counts the same");
     }
 
+    /// <summary>The key correctness test of compacted positions: while the context is no longer than init + k + local the
+    /// list is 0..n-1 (or absent), so every slot is its true position and compacted mode (keys cached before RoPE,
+    /// rotated inside attention) must give the logits of standard full attention, through prefill chunks and decode steps
+    /// replayed as captured graphs (the selection kernels and the rotation inside them).</summary>
+    [TestCase(true)]
+    [TestCase(false)]
+    public void Compacted_positions_with_a_covering_k_equal_full_attention_on_the_device(bool cudaGraphs)
+    {
+        SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.F32, Seed = 23 });
+        using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 2, ContextLength = 96 });
+        using var uploaded = CudaLlamaModel.Upload(model, _device);
+        using var full = uploaded.CreateSession(cudaGraphs: cudaGraphs);
+        // init + k + local = 84: never selects over 80 positions, but a decode bound of 96 launches the kernels, which list 0..n-1.
+        var covering = new KvSelectOptions { TopK = 64, Initial = 4, Local = 16, Chunk = 16, Positions = KvSelectPositions.Compacted };
+        using var compacted = uploaded.CreateSession(cudaGraphs: cudaGraphs, kvSelect: covering);
+        int vocabulary = model.Config.VocabularySize;
+        int[] prompt = Enumerable.Range(0, 40).Select(i => (i * 29 + 5) % vocabulary).ToArray();
+        var expected = new float[vocabulary];
+        var actual = new float[vocabulary];
+        full.Forward(prompt, expected);
+        compacted.Forward(prompt, actual);
+        double worst = Compare(expected, actual, "prefill");
+        for (int step = 0; step < 40; step++)
+        {
+            int token = System.Numerics.Tensors.TensorPrimitives.IndexOfMax(expected);
+            full.Forward([token], expected);
+            compacted.Forward([token], actual);
+            worst = Math.Max(worst, Compare(expected, actual, $"decode step {step}"));
+        }
+        TestContext.Out.WriteLine($"graphs {cudaGraphs}: max |full - compacted| = {worst:E3} over 80 positions");
+        Assert.That(compacted.KvSelectStatistics, Is.EqualTo(new KvSelectStatistics(0, 0)), "a covering k never selects");
+        Assert.That(compacted.CapturedGraphs, cudaGraphs ? Is.GreaterThan(0) : Is.Zero);
+    }
+
     private static double Compare(float[] expected, float[] actual, string what)
     {
         double tolerance = 2e-5 * (1 + expected.Max(Math.Abs));
@@ -128,11 +167,12 @@ public sealed class KvSelectDeviceTests(string deviceName)
         return worst;
     }
 
-    [Test]
-    public void A_device_decode_step_with_selection_allocates_nothing()
+    [TestCase(KvSelectPositions.Standard)]
+    [TestCase(KvSelectPositions.Compacted)]
+    public void A_device_decode_step_with_selection_allocates_nothing(KvSelectPositions positions)
     {
         SyntheticModel.Write(_directory, new SyntheticModelSpec { DType = DType.BF16, Seed = 13 });
-        var select = new KvSelectOptions { TopK = 8, Initial = 2, Local = 4, CacheThreshold = 0.5f };
+        var select = new KvSelectOptions { TopK = 8, Initial = 2, Local = 4, CacheThreshold = 0.5f, Positions = positions };
         using var model = LlamaModel.Load(_directory, new ModelLoadOptions { Threads = 1, ContextLength = 256, KvSelect = select });
         using var uploaded = CudaLlamaModel.Upload(model, _device);
         using var session = uploaded.CreateSession();

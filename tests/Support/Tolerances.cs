@@ -20,6 +20,13 @@ public static class Tolerances
     /// the angle's rounding error grows with the position, |position x inv_freq| x u.</summary>
     public static double Rope(int position, double magnitude) => (4 + 2.0 * (position + 1)) * UnitRoundoff * magnitude;
 
+    /// <summary>Compacted RoPE inside attention (q and k rotated in fp32 before their dot product): each rotated element
+    /// (x cos - y sin) carries the fp32 cos/sin (the device's sincosf: up to 2 ulp), two products and a sum, about 4u of
+    /// |x| + |y|; with both operands rotated, the score moves by at most 2 x 4u x sum_i (|q_i| + |q_i'|)(|k_i| + |k_i'|)
+    /// over the pairs, at most 2 x 4u x 2 |q| |k| = 16u |q| |k| (Cauchy-Schwarz). The angle itself is the same fp32 value
+    /// in the reference.</summary>
+    public static double CompactedRopeScore(double normProduct) => 16 * UnitRoundoff * normProduct;
+
     /// <summary>Attention: a head_dim dot product per score, exp and normalisation over the window, and a
     /// weighted sum of values: (head_dim + 2 x positions + 8) u times the largest |v| (softmax weights sum to 1)
     /// plus the score error propagated through exp: the same factor times max|score| x max|v|.</summary>

@@ -72,6 +72,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     private readonly DeviceTensor?[] _rowTopLogProbs = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
     private DeviceTensor? _rowStats;
     private readonly CudaKvSelector? _selector;  // TokenSelect (null: full attention)
+    private readonly DeviceTensor? _unrotated;   // [head_dim / 2] f32 zeros: kv_append's inv_freq in compacted mode (keys stored before RoPE)
     private readonly int[] _drawLengths;          // [capacity]: the length at each random draw since Reset (rollback of _counters)
     private int _draws;
     private int _length;
@@ -128,6 +129,11 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             if (kvSelect is { } select)
             {
                 _selector = new CudaKvSelector(_device, select, 1, c.Layers, c.Heads, c.HeadDim, capacity);
+                if (select.Positions == KvSelectPositions.Compacted)
+                {
+                    _unrotated = Allocate("kv_append.inv_freq_zero", DType.F32, c.HeadDim / 2);
+                    _unrotated.Upload<float>(new float[c.HeadDim / 2]);
+                }
             }
             if (dtype is DType.F32 or DType.BF16)
             {
@@ -628,13 +634,22 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
             CudaOps.Linear(_device, weights.Query, views.Norm, views.Q, weights.QueryBias, stream: stream);
             CudaOps.Linear(_device, weights.Key, views.Norm, views.K, weights.KeyBias, stream: stream);
             CudaOps.Linear(_device, weights.Value, views.Norm, views.V, weights.ValueBias, stream: stream);
-            CudaOps.Rope(_device, views.Q, config.Heads, _model.InverseFrequencies, starts, 0, stream);
-            CudaOps.KvAppend(_device, views.KHeads, views.VHeads, starts, _model.InverseFrequencies, _keyCache[layer], _valueCache[layer], stream);
+            // Compacted positions (TokenSelect): q and the cached keys stay unrotated (kv_append with a zero inv_freq copies
+            // them), selection scores them so, and attention rotates both by their slots in the selected list.
+            if (_unrotated is null)
+            {
+                CudaOps.Rope(_device, views.Q, config.Heads, _model.InverseFrequencies, starts, 0, stream);
+            }
+            CudaOps.KvAppend(_device, views.KHeads, views.VHeads, starts, _unrotated ?? _model.InverseFrequencies, _keyCache[layer], _valueCache[layer], stream);
             // TokenSelect: a decode step selects for its own query over the cache with it (device lengths, bounded by the
             // step's maxLength), a prefill chunk for its mean query over the prefix before it (device starts, bound
             // maxLength - count = its start). Everything it reads and writes is device memory: it captures with the step.
             var hook = _selector?.Select(layer, count == 1 ? views.QDecode : views.QHeads, _keyCache[layer], count == 1 ? lengths : starts,
                 count == 1 ? maxLength : maxLength - count, useCache: count == 1, stream) ?? default;
+            if (_unrotated is not null)
+            {
+                hook = hook with { RopeInverseFrequencies = _model.InverseFrequencies };
+            }
             if (count == 1)
             {
                 CudaOps.AttentionDecode(_device, views.QDecode, _keyCache[layer], _valueCache[layer], lengths, maxLength, config.SlidingWindow,

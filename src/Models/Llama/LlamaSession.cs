@@ -32,6 +32,7 @@ public sealed class LlamaSession : IDecoderSession, ISessionRollback
     private readonly NativeBuffer<float> _scratch;  // [chunk, intermediate]
     private readonly NativeBuffer<float>[] _buffers;
     private readonly KvSelector? _selector;         // TokenSelect (null: full attention)
+    private readonly bool _compacted;               // TokenSelect's compacted positions: keys cached before RoPE
 
     internal LlamaSession(LlamaModel model, int capacity, int chunk)
     {
@@ -40,6 +41,7 @@ public sealed class LlamaSession : IDecoderSession, ISessionRollback
         var c = model.Config;
         _chunk = Math.Min(model.Options.KvSelect?.Chunk ?? chunk, capacity);
         _selector = model.Options.KvSelect is { } select ? new KvSelector(select, c.Layers, c.Heads, c.KvHeads, c.HeadDim, capacity, _device.Pool) : null;
+        _compacted = model.Options.KvSelect?.Positions == KvSelectPositions.Compacted;
         var buffers = new List<NativeBuffer<float>>();
         NativeBuffer<float> Allocate(long length)
         {
@@ -163,8 +165,13 @@ public sealed class LlamaSession : IDecoderSession, ISessionRollback
             _device.Linear(norm, count, weights.Query, weights.QueryBias, q);
             _device.Linear(norm, count, weights.Key, weights.KeyBias, k);
             _device.Linear(norm, count, weights.Value, weights.ValueBias, v);
-            CpuDevice.Rope(q, count, config.Heads, config.HeadDim, start, _model.RopeCos, _model.RopeSin);
-            CpuDevice.Rope(k, count, config.KvHeads, config.HeadDim, start, _model.RopeCos, _model.RopeSin);
+            // Compacted positions (TokenSelect): q and the cached keys stay unrotated, selection scores them so, and
+            // attention rotates both by their slots in the selected list.
+            if (!_compacted)
+            {
+                CpuDevice.Rope(q, count, config.Heads, config.HeadDim, start, _model.RopeCos, _model.RopeSin);
+                CpuDevice.Rope(k, count, config.KvHeads, config.HeadDim, start, _model.RopeCos, _model.RopeSin);
+            }
             Observe("q", layer, count, q);
             Observe("k", layer, count, k);
             Observe("v", layer, count, v);
@@ -173,8 +180,12 @@ public sealed class LlamaSession : IDecoderSession, ISessionRollback
             // mean query over the prefix before it.
             ReadOnlySpan<int> selected = default;
             bool selects = _selector is not null && _selector.Select(layer, q, count, _cache, count == 1 ? start + 1 : start, useCache: count == 1, out selected);
-            _device.Attention(q, _cache, layer, config.Heads, start, count, config.SlidingWindow, attention,
-                selects ? new AttentionHook { SelectedPositions = selected } : default);
+            var hook = selects ? new AttentionHook { SelectedPositions = selected } : default;
+            if (_compacted)
+            {
+                hook = hook with { RopeCos = _model.RopeCos, RopeSin = _model.RopeSin };
+            }
+            _device.Attention(q, _cache, layer, config.Heads, start, count, config.SlidingWindow, attention, hook);
             Observe("attn", layer, count, attention);
             _device.Linear(attention, count, weights.Output, weights.OutputBias, x, accumulate: true);
             Observe("attn_out", layer, count, x);

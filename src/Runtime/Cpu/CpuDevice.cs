@@ -231,8 +231,8 @@ public sealed unsafe class CpuDevice : IDisposable
         {
             throw new ArgumentException($"attention: {start + tokens} positions exceed the device scratch of {ScratchFloats}");
         }
-        ValidateHook(hook, heads, cache.Capacity);
-        fixed (float* qp = q, op = output, bias = hook.KeyBias)
+        ValidateHook(hook, heads, cache.Capacity, cache.HeadDim, start + tokens);
+        fixed (float* qp = q, op = output, bias = hook.KeyBias, ropeCos = hook.RopeCos, ropeSin = hook.RopeSin)
         fixed (int* selected = hook.SelectedPositions)
         {
             var job = _attention;
@@ -242,6 +242,19 @@ public sealed unsafe class CpuDevice : IDisposable
             job.Selects = hook.SelectsPositions;
             job.Selected = selected;
             job.SelectedCount = hook.SelectedPositions.Length;
+            job.RopeCos = hook.CompactedRope ? ropeCos : null;
+            job.RopeSin = hook.CompactedRope ? ropeSin : null;
+            // Compacted slots: the listed prefix is 0..m-1, chunk token t is m + t (without a list m = start).
+            int prefixSlots = start;
+            if (hook.SelectsPositions)
+            {
+                prefixSlots = 0;
+                while (prefixSlots < hook.SelectedPositions.Length && hook.SelectedPositions[prefixSlots] < start)
+                {
+                    prefixSlots++;
+                }
+            }
+            job.PrefixSlots = prefixSlots;
             job.Cache = cache;
             job.Layer = layer;
             job.Heads = heads;
@@ -255,11 +268,18 @@ public sealed unsafe class CpuDevice : IDisposable
             job.Cache = null;
             job.Bias = null;
             job.Selected = null;
+            job.RopeCos = null;
+            job.RopeSin = null;
         }
     }
 
-    private static void ValidateHook(AttentionHook hook, int heads, int capacity)
+    private static void ValidateHook(AttentionHook hook, int heads, int capacity, int headDim, int positions)
     {
+        if (hook.RopeCos.Length != hook.RopeSin.Length || (hook.CompactedRope && (long)positions * (headDim / 2) > hook.RopeCos.Length))
+        {
+            throw new ArgumentException($"attention: the compacted RoPE tables hold {hook.RopeCos.Length} cos and {hook.RopeSin.Length} sin values; " +
+                                        $"expected the same number, at least [positions {positions}, head_dim / 2 = {headDim / 2}]");
+        }
         if (!hook.KeyBias.IsEmpty && hook.KeyBias.Length != (long)heads * capacity)
         {
             throw new ArgumentException($"attention: the key bias holds {hook.KeyBias.Length} values; expected [heads {heads}, capacity {capacity}]");
@@ -288,6 +308,9 @@ public sealed unsafe class CpuDevice : IDisposable
         public bool Selects;
         public int* Selected;        // ascending positions when Selects
         public int SelectedCount;
+        public float* RopeCos;       // [positions, head_dim / 2] for compacted RoPE, or null
+        public float* RopeSin;
+        public int PrefixSlots;      // compacted slot of position start: listed positions below start (start without a list)
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public override void Execute(int begin, int end, int worker)
@@ -296,7 +319,7 @@ public sealed unsafe class CpuDevice : IDisposable
             int headDim = cache.HeadDim;
             int group = Heads / cache.KvHeads;
             float* scores = device.Scratch(worker);
-            bool hooked = Bias != null || Selects;
+            bool hooked = Bias != null || Selects || RopeCos != null;
             for (int item = begin; item < end; item++)
             {
                 if (hooked)
@@ -343,7 +366,15 @@ public sealed unsafe class CpuDevice : IDisposable
             int headDim = cache.HeadDim;
             int position = Start + t;
             int first = Window > 0 ? Math.Max(0, position - Window + 1) : 0;
-            var queryRow = new ReadOnlySpan<float>(Q + ((long)t * Heads + h) * headDim, headDim);
+            scoped ReadOnlySpan<float> queryRow = new ReadOnlySpan<float>(Q + ((long)t * Heads + h) * headDim, headDim);
+            bool rope = RopeCos != null;
+            Span<float> rotatedQuery = rope ? stackalloc float[headDim] : default;
+            Span<float> rotatedKey = rope ? stackalloc float[headDim] : default;
+            if (rope)
+            {
+                Rotate(queryRow, rotatedQuery, PrefixSlots + t);
+                queryRow = rotatedQuery;
+            }
             float* keys = cache.Keys(Layer, h / group);
             float* values = cache.Values(Layer, h / group);
             float* bias = Bias == null ? null : Bias + (long)h * cache.Capacity;
@@ -355,7 +386,13 @@ public sealed unsafe class CpuDevice : IDisposable
             float max = float.NegativeInfinity;
             while (walk.Next(out int j))
             {
-                float s = TensorPrimitives.Dot(queryRow, new ReadOnlySpan<float>(keys + (long)j * headDim, headDim)) * Scale;
+                scoped ReadOnlySpan<float> keyRow = new ReadOnlySpan<float>(keys + (long)j * headDim, headDim);
+                if (rope)
+                {
+                    Rotate(keyRow, rotatedKey, walk.Slot(j, PrefixSlots));
+                    keyRow = rotatedKey;
+                }
+                float s = TensorPrimitives.Dot(queryRow, keyRow) * Scale;
                 if (bias != null)
                 {
                     s += bias[j];
@@ -381,6 +418,21 @@ public sealed unsafe class CpuDevice : IDisposable
             }
             TensorPrimitives.Multiply(outputRow, inverseSum, outputRow);
         }
+
+        /// <summary>Compacted RoPE of one row at <paramref name="slot"/>: rotate-half with the table's row, as <see cref="Rope"/>.</summary>
+        private void Rotate(ReadOnlySpan<float> row, Span<float> rotated, int slot)
+        {
+            int half = row.Length / 2;
+            float* c = RopeCos + (long)slot * half;
+            float* s = RopeSin + (long)slot * half;
+            for (int i = 0; i < half; i++)
+            {
+                float a = row[i];
+                float b = row[i + half];
+                rotated[i] = a * c[i] - b * s[i];
+                rotated[i + half] = b * c[i] + a * s[i];
+            }
+        }
     }
 
     /// <summary>The keys a query at <c>position</c> sees, ascending: the selected positions in [first, start) (all of
@@ -389,6 +441,11 @@ public sealed unsafe class CpuDevice : IDisposable
     {
         private int _index;
         private int _next = selected == null ? first : Math.Max(first, start);
+
+        /// <summary>The compacted slot of the key <see cref="Next"/> just gave: its index in the list for a listed prefix
+        /// position, prefixSlots + (key - start) for a chunk position, the key itself without a list.</summary>
+        public readonly int Slot(int key, int prefixSlots) =>
+            selected == null ? key : key < start ? _index - 1 : prefixSlots + (key - start);
 
         public bool Next(out int key)
         {

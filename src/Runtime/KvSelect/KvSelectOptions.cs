@@ -8,7 +8,8 @@ public enum KvSelectPositions
     /// <summary>Keys stored with RoPE at their true positions (the cache as without selection).</summary>
     Standard,
 
-    /// <summary>Keys stored before RoPE, rotated inside attention at positions 0..|selected|-1 (not implemented yet).</summary>
+    /// <summary>Keys stored before RoPE, rotated inside attention at positions 0..|selected|-1 (the query at the last);
+    /// selection scores unrotated queries and keys.</summary>
     Compacted,
 }
 
@@ -68,10 +69,6 @@ public sealed record KvSelectOptions
         if (Chunk < 1)
         {
             throw new InvalidParameterException("kv-select", $"chunk={Chunk} (must be >= 1)");
-        }
-        if (Positions == KvSelectPositions.Compacted)
-        {
-            throw new InvalidParameterException("kv-select", "positions=compacted is not implemented yet (keys stored before RoPE, rotated inside attention); use positions=standard");
         }
     }
 

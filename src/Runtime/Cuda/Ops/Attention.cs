@@ -8,7 +8,11 @@ namespace KernelLM.Runtime.Cuda.Ops;
 /// <param name="Indices">[batch, max_indices] I32: per sequence, ascending cache positions shared by all heads.</param>
 /// <param name="IndexCounts">[batch] I32: how many entries of each sequence's row of <paramref name="Indices"/> are used.
 /// Given together with Indices or not at all.</param>
-public readonly record struct DeviceAttentionHook(DeviceTensor? KeyBias = null, DeviceTensor? Indices = null, DeviceTensor? IndexCounts = null);
+/// <param name="RopeInverseFrequencies">[head_dim / 2] F32: compacted RoPE (TokenSelect's compacted position mode). The cache holds
+/// keys before RoPE and q is unrotated; attention rotates each key by its slot index in the list (the position without a list)
+/// and the query by its own slot (attention.cu's header). Null: keys and queries are used as given.</param>
+public readonly record struct DeviceAttentionHook(DeviceTensor? KeyBias = null, DeviceTensor? Indices = null, DeviceTensor? IndexCounts = null,
+    DeviceTensor? RopeInverseFrequencies = null);
 
 /// <summary>Launchers of attention.cu: kv_append, attention_decode (+ its merge), attention_prefill.</summary>
 public static partial class CudaOps
@@ -86,6 +90,7 @@ public static partial class CudaOps
         ArgumentOutOfRangeException.ThrowIfNegative(slidingWindow);
         ArgumentOutOfRangeException.ThrowIfNegative(splits);
         int maxIndices = RequireHook(op, hook, cache.Batch, heads, cache.Capacity);
+        RequireRope(op, hook, cache.HeadDim);
         int keys = DecodeKeyBound(Math.Min(maxLength, cache.Capacity), slidingWindow, hook.Indices is null ? -1 : maxIndices);
         int chosen = splits > 0 ? splits : AttentionDecodeSplits(device, cache.Batch, heads, cache.KvHeads, cache.HeadDim, keys);
         long needed = AttentionDecodeWorkspaceElements(cache.Batch, heads, cache.HeadDim, chosen);
@@ -99,7 +104,7 @@ public static partial class CudaOps
         }
         int slotsPerSplit = (keys + chosen - 1) / chosen;
         LaunchAttentionDecode(device, Suffix(q.DType), q.Address, keyCache.Address, valueCache.Address, lengths.Address, Address(hook.KeyBias),
-            Address(hook.Indices), Address(hook.IndexCounts), workspace?.Address ?? 0, output.Address, cache.Batch, heads, cache.KvHeads,
+            Address(hook.Indices), Address(hook.IndexCounts), Address(hook.RopeInverseFrequencies), workspace?.Address ?? 0, output.Address, cache.Batch, heads, cache.KvHeads,
             cache.HeadDim, cache.Capacity, slidingWindow, maxIndices, chosen, slotsPerSplit, stream);
     }
 
@@ -123,8 +128,9 @@ public static partial class CudaOps
         RequireShape(starts, op, cache.Batch);
         ArgumentOutOfRangeException.ThrowIfNegative(slidingWindow);
         int maxIndices = RequireHook(op, hook, cache.Batch, heads, cache.Capacity);
+        RequireRope(op, hook, cache.HeadDim);
         LaunchAttentionPrefill(device, Suffix(q.DType), q.Address, keyCache.Address, valueCache.Address, starts.Address, Address(hook.KeyBias),
-            Address(hook.Indices), Address(hook.IndexCounts), output.Address, cache.Batch, tokens, heads, cache.KvHeads, cache.HeadDim,
+            Address(hook.Indices), Address(hook.IndexCounts), Address(hook.RopeInverseFrequencies), output.Address, cache.Batch, tokens, heads, cache.KvHeads, cache.HeadDim,
             cache.Capacity, slidingWindow, maxIndices, stream);
     }
 
@@ -174,7 +180,7 @@ public static partial class CudaOps
     }
 
     private static void LaunchAttentionDecode(CudaDevice device, string suffix, ulong q, ulong keyCache, ulong valueCache, ulong lengths,
-        ulong bias, ulong indices, ulong indexCounts, ulong workspace, ulong output, int batch, int heads, int kvHeads, int headDim,
+        ulong bias, ulong indices, ulong indexCounts, ulong ropeInverseFrequencies, ulong workspace, ulong output, int batch, int heads, int kvHeads, int headDim,
         int capacity, int window, int maxIndices, int splits, int slotsPerSplit, nint stream)
     {
         if (batch == 0)
@@ -198,6 +204,7 @@ public static partial class CudaOps
         arguments.Add(bias);
         arguments.Add(indices);
         arguments.Add(indexCounts);
+        arguments.Add(ropeInverseFrequencies);
         arguments.Add(splits > 1 ? workspace : 0UL);
         arguments.Add(splits > 1 ? 0UL : output);     // one split normalises and writes the output itself
         arguments.Add(heads);
@@ -227,7 +234,7 @@ public static partial class CudaOps
     }
 
     private static void LaunchAttentionPrefill(CudaDevice device, string suffix, ulong q, ulong keyCache, ulong valueCache, ulong starts,
-        ulong bias, ulong indices, ulong indexCounts, ulong output, int batch, int tokens, int heads, int kvHeads, int headDim, int capacity,
+        ulong bias, ulong indices, ulong indexCounts, ulong ropeInverseFrequencies, ulong output, int batch, int tokens, int heads, int kvHeads, int headDim, int capacity,
         int window, int maxIndices, nint stream)
     {
         if (batch == 0 || tokens == 0)
@@ -250,6 +257,7 @@ public static partial class CudaOps
         arguments.Add(bias);
         arguments.Add(indices);
         arguments.Add(indexCounts);
+        arguments.Add(ropeInverseFrequencies);
         arguments.Add(output);
         arguments.Add(tokens);
         arguments.Add(heads);
@@ -336,6 +344,15 @@ public static partial class CudaOps
         RequireDType(hook.IndexCounts!, op, DType.I32);
         RequireShape(hook.IndexCounts!, op, batch);
         return indices.Shape[1];
+    }
+
+    private static void RequireRope(string op, DeviceAttentionHook hook, int headDim)
+    {
+        if (hook.RopeInverseFrequencies is { } frequencies)
+        {
+            RequireDType(frequencies, op, DType.F32);
+            RequireShape(frequencies, op, headDim / 2);
+        }
     }
 
     /// <summary>Keys any decode query can see: its length, cut by the window and by the index list's width.</summary>
