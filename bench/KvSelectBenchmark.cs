@@ -16,12 +16,17 @@ public enum KvSelectMode
 
     /// <summary>The layer's cached selection reused (the cosine test only) then attention over the list: a cache hit.</summary>
     SelectHit,
+
+    /// <summary>A cache hit in the compacted position mode: attention rotates every listed key by its slot and the query
+    /// by the last slot (the RoPE tables) before the dot products; the cost of the rotation against <see cref="SelectHit"/>.</summary>
+    SelectHitCompacted,
 }
 
 /// <summary>
 /// TokenSelect on the CPU device: one op = one layer's decode attention step with the Llama-3.1-8B attention shape
 /// (32 query heads, 8 KV heads, head_dim 128; the CPU cache is fp32) at <see cref="Context"/> cached positions, with
 /// full attention, with selection on a cache miss and on a cache hit (default options: k = 2048, init 128, local 512).
+/// SelectHitCompacted is a hit with compacted positions (keys rotated inside attention).
 /// The selection's own GB/s: a miss reads every key once (context x 8 x 128 x 4 bytes) and the listed keys and values.
 /// </summary>
 public class KvSelectBenchmark : IDisposable
@@ -33,11 +38,13 @@ public class KvSelectBenchmark : IDisposable
     private KvSelector? _selector;
     private float[] _q = [];
     private float[] _output = [];
+    private float[] _ropeCos = [];   // [context, head_dim / 2], theta 500000 (Llama 3), for the compacted mode
+    private float[] _ropeSin = [];
 
     [Params(8192, 32768)]
     public int Context { get; set; }
 
-    [Params(KvSelectMode.Full, KvSelectMode.SelectMiss, KvSelectMode.SelectHit)]
+    [Params(KvSelectMode.Full, KvSelectMode.SelectMiss, KvSelectMode.SelectHit, KvSelectMode.SelectHitCompacted)]
     public KvSelectMode Mode { get; set; }
 
     [Params(2)]
@@ -61,7 +68,23 @@ public class KvSelectBenchmark : IDisposable
         }
         _q = Enumerable.Range(0, Heads * HeadDim).Select(_ => (float)(random.NextDouble() * 2 - 1)).ToArray();
         _output = new float[Heads * HeadDim];
-        var options = new KvSelectOptions { CacheThreshold = Mode == KvSelectMode.SelectHit ? -1f : 1f };
+        bool hits = Mode is KvSelectMode.SelectHit or KvSelectMode.SelectHitCompacted;
+        var options = new KvSelectOptions { CacheThreshold = hits ? -1f : 1f };
+        if (Mode == KvSelectMode.SelectHitCompacted)
+        {
+            const int half = HeadDim / 2;
+            _ropeCos = new float[Context * half];
+            _ropeSin = new float[Context * half];
+            for (int p = 0; p < Context; p++)
+            {
+                for (int i = 0; i < half; i++)
+                {
+                    float angle = p * (1f / MathF.Pow(500000f, (float)(2 * i) / HeadDim));
+                    _ropeCos[p * half + i] = MathF.Cos(angle);
+                    _ropeSin[p * half + i] = MathF.Sin(angle);
+                }
+            }
+        }
         _selector = new KvSelector(options, 1, Heads, KvHeads, HeadDim, Context, _device.Pool);
         // The hit mode needs a selection to reuse.
         _selector.Select(0, _q, 1, _cache, Context, useCache: true, out _);
@@ -76,7 +99,10 @@ public class KvSelectBenchmark : IDisposable
             return;
         }
         _selector!.Select(0, _q, 1, _cache!, Context, useCache: true, out var positions);
-        _device!.Attention(_q, _cache!, 0, Heads, Context - 1, 1, 0, _output, new AttentionHook { SelectedPositions = positions });
+        var hook = Mode == KvSelectMode.SelectHitCompacted
+            ? new AttentionHook { SelectedPositions = positions, RopeCos = _ropeCos, RopeSin = _ropeSin }
+            : new AttentionHook { SelectedPositions = positions };
+        _device!.Attention(_q, _cache!, 0, Heads, Context - 1, 1, 0, _output, hook);
     }
 
     [GlobalCleanup]

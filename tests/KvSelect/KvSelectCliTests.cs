@@ -45,7 +45,6 @@ public sealed class KvSelectCliTests
     [TestCase("k=1,k=2", "'k' is given twice")]
     [TestCase("k", "not key=value")]
     [TestCase("positions=rotated", "positions=rotated")]
-    [TestCase("positions=compacted", "not implemented")]
     public void Bad_options_are_one_line_errors_naming_the_key(string text, string expected)
     {
         var error = Assert.Throws<InvalidParameterException>(() => KvSelectOptions.Parse(text))!;
@@ -56,14 +55,15 @@ public sealed class KvSelectCliTests
         Assert.That(errors, Does.Contain(expected));
     }
 
-    [Test]
-    public void Generate_with_selection_reports_its_counts()
+    [TestCase("standard")]
+    [TestCase("compacted")]
+    public void Generate_with_selection_reports_its_counts(string positions)
     {
         var (exitCode, output, errors) = Run("generate", "--model", TestPaths.TinyStories, "--prompt", "Once upon a time", "--temperature", "0",
-            "--max-tokens", "60", "--device", "cpu", "--kv-select", "k=8,init=2,local=8,cache=0.5,chunk=4");
+            "--max-tokens", "60", "--device", "cpu", "--kv-select", $"k=8,init=2,local=8,cache=0.5,chunk=4,positions={positions}");
         Assert.That(exitCode, Is.Zero, errors);
         Assert.That(output, Does.StartWith("Once upon a time"));
-        Assert.That(errors, Does.Match(@"\[kv-select k=8,init=2,local=8,cache=0\.5,positions=standard,chunk=4: \d+ selections, \d+ cache hits \(.*\) over the layer steps long enough to select\]"));
+        Assert.That(errors, Does.Match(@"\[kv-select k=8,init=2,local=8,cache=0\.5,positions=" + positions + @",chunk=4: \d+ selections, \d+ cache hits \(.*\) over the layer steps long enough to select\]"));
     }
 
     [Test]
