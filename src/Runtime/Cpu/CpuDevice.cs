@@ -419,19 +419,25 @@ public sealed unsafe class CpuDevice : IDisposable
             TensorPrimitives.Multiply(outputRow, inverseSum, outputRow);
         }
 
-        /// <summary>Compacted RoPE of one row at <paramref name="slot"/>: rotate-half with the table's row, as <see cref="Rope"/>.</summary>
+        /// <summary>Compacted RoPE of one row at <paramref name="slot"/>: rotate-half with the table's row, as <see cref="Rope"/>
+        /// (the same products and sums, each rounded, so the same bits), vectorised over the halves; the upper half of
+        /// <paramref name="rotated"/> is the scratch for the products.</summary>
         private void Rotate(ReadOnlySpan<float> row, Span<float> rotated, int slot)
         {
             int half = row.Length / 2;
-            float* c = RopeCos + (long)slot * half;
-            float* s = RopeSin + (long)slot * half;
-            for (int i = 0; i < half; i++)
-            {
-                float a = row[i];
-                float b = row[i + half];
-                rotated[i] = a * c[i] - b * s[i];
-                rotated[i + half] = b * c[i] + a * s[i];
-            }
+            var c = new ReadOnlySpan<float>(RopeCos + (long)slot * half, half);
+            var s = new ReadOnlySpan<float>(RopeSin + (long)slot * half, half);
+            var low = row[..half];
+            var high = row[half..];
+            var rotatedLow = rotated[..half];
+            var rotatedHigh = rotated[half..];
+            TensorPrimitives.Multiply(high, s, rotatedHigh);             // b sin
+            TensorPrimitives.Multiply(low, c, rotatedLow);               // a cos
+            TensorPrimitives.Subtract(rotatedLow, rotatedHigh, rotatedLow);   // a cos - b sin
+            TensorPrimitives.Multiply(high, c, rotatedHigh);             // b cos
+            Span<float> sine = stackalloc float[half];
+            TensorPrimitives.Multiply(low, s, sine);                     // a sin
+            TensorPrimitives.Add(rotatedHigh, sine, rotatedHigh);        // b cos + a sin
         }
     }
 
