@@ -85,6 +85,48 @@ public sealed partial class KernelConformanceTests
         AssertClose(values, expectedValues, _ => 0, what + " values");
     }
 
+    public static IEnumerable<TestCaseData> KvAppendUnrotatedCases() => Cases("kv_append_unrotated", device =>
+        from dtype in device.Activations
+        from shape in new (int KvHeads, int HeadDim, int Batch, int Tokens, int Start)[] { (2, 64, 2, 7, 25), (1, 80, 1, 13, 1000) }
+        select new object[] { dtype, P("kv_heads", shape.KvHeads), P("head_dim", shape.HeadDim), P("batch", shape.Batch), P("tokens", shape.Tokens), P("start", shape.Start) });
+
+    /// <summary>TokenSelect's compacted positions store keys before RoPE by appending with a zero inv_freq: angle 0, cos 1,
+    /// sin 0, so the keys (like the values) must be exact copies at their positions, at any position.</summary>
+    [TestCaseSource(nameof(KvAppendUnrotatedCases))]
+    public void kv_append_unrotated(string deviceName, DType dtype, int kvHeads, int headDim, int batch, int tokens, int start)
+    {
+        var device = ConformanceDevices.Get(deviceName);
+        int capacity = start + tokens + 4;
+        int[] starts = Enumerable.Range(0, batch).Select(b => b == 0 ? start : start / 3).ToArray();
+        int cacheElements = batch * kvHeads * capacity * headDim;
+        var problem = new AttentionProblem(batch, kvHeads, kvHeads, headDim, capacity,
+            OpBackend.Representable(dtype, Random(headDim + 5, cacheElements, 3)), OpBackend.Representable(dtype, Random(headDim + 6, cacheElements, 3)), 0);
+        int rowWidth = kvHeads * headDim;
+        var k = OpBackend.Representable(dtype, Random(tokens + 7, batch * tokens * rowWidth, 2));
+        var v = OpBackend.Representable(dtype, Random(tokens + 8, batch * tokens * rowWidth, 2));
+
+        var (keys, values) = device.KvAppend(dtype, problem, k, v, tokens, starts, new float[headDim / 2]);
+
+        var expectedKeys = (float[])problem.Keys.Clone();
+        var expectedValues = (float[])problem.Values.Clone();
+        for (int b = 0; b < batch; b++)
+        {
+            for (int t = 0; t < tokens; t++)
+            {
+                for (int h = 0; h < kvHeads; h++)
+                {
+                    int cache = ((b * kvHeads + h) * capacity + starts[b] + t) * headDim;
+                    int source = b * tokens * rowWidth + (t * kvHeads + h) * headDim;
+                    k.AsSpan(source, headDim).CopyTo(expectedKeys.AsSpan(cache, headDim));
+                    v.AsSpan(source, headDim).CopyTo(expectedValues.AsSpan(cache, headDim));
+                }
+            }
+        }
+        string what = $"kv_append_unrotated({dtype}, kv_heads={kvHeads}, head_dim={headDim}, batch={batch}, tokens={tokens}, start={start})";
+        Assert.That(keys, Is.EqualTo(expectedKeys), what + " keys");
+        Assert.That(values, Is.EqualTo(expectedValues), what + " values");
+    }
+
     // ------------------------------------------------------------------ attention_decode
 
     public static IEnumerable<TestCaseData> AttentionDecodeCases() => Cases("attention_decode", device =>

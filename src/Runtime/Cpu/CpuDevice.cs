@@ -1,3 +1,4 @@
+using System.Numerics;
 using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 
@@ -420,24 +421,32 @@ public sealed unsafe class CpuDevice : IDisposable
         }
 
         /// <summary>Compacted RoPE of one row at <paramref name="slot"/>: rotate-half with the table's row, as <see cref="Rope"/>
-        /// (the same products and sums, each rounded, so the same bits), vectorised over the halves; the upper half of
-        /// <paramref name="rotated"/> is the scratch for the products.</summary>
+        /// (the same products and sums, each rounded, so the same bits), with SIMD vectors over the halves.</summary>
         private void Rotate(ReadOnlySpan<float> row, Span<float> rotated, int slot)
         {
             int half = row.Length / 2;
-            var c = new ReadOnlySpan<float>(RopeCos + (long)slot * half, half);
-            var s = new ReadOnlySpan<float>(RopeSin + (long)slot * half, half);
-            var low = row[..half];
-            var high = row[half..];
-            var rotatedLow = rotated[..half];
-            var rotatedHigh = rotated[half..];
-            TensorPrimitives.Multiply(high, s, rotatedHigh);             // b sin
-            TensorPrimitives.Multiply(low, c, rotatedLow);               // a cos
-            TensorPrimitives.Subtract(rotatedLow, rotatedHigh, rotatedLow);   // a cos - b sin
-            TensorPrimitives.Multiply(high, c, rotatedHigh);             // b cos
-            Span<float> sine = stackalloc float[half];
-            TensorPrimitives.Multiply(low, s, sine);                     // a sin
-            TensorPrimitives.Add(rotatedHigh, sine, rotatedHigh);        // b cos + a sin
+            float* c = RopeCos + (long)slot * half;
+            float* s = RopeSin + (long)slot * half;
+            int i = 0;
+            fixed (float* source = row, destination = rotated)
+            {
+                for (; i + Vector<float>.Count <= half; i += Vector<float>.Count)
+                {
+                    var a = Vector.Load(source + i);
+                    var b = Vector.Load(source + half + i);
+                    var cosine = Vector.Load(c + i);
+                    var sine = Vector.Load(s + i);
+                    Vector.Store(a * cosine - b * sine, destination + i);
+                    Vector.Store(b * cosine + a * sine, destination + half + i);
+                }
+                for (; i < half; i++)
+                {
+                    float a = source[i];
+                    float b = source[half + i];
+                    destination[i] = a * c[i] - b * s[i];
+                    destination[half + i] = b * c[i] + a * s[i];
+                }
+            }
         }
     }
 
