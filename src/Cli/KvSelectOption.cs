@@ -7,7 +7,7 @@ using KernelLM.Runtime.KvSelect;
 namespace KernelLM.Cli;
 
 /// <summary>
-/// <c>--kv-select k=2048,init=128,local=512,cache=0.9,positions=standard,chunk=512</c> (any subset; <c>on</c> for the
+/// <c>--kv-select k=2048,init=128,local=512,cache=0.9,positions=standard|compacted,chunk=512</c> (any subset; <c>on</c> for the
 /// defaults) on <c>run</c>, <c>generate</c> and <c>score</c>: TokenSelect KV-cache selection (docs/kv-select.md). Parsed and
 /// validated before the model loads; a bad value is a one-line error naming the key.
 /// </summary>
@@ -15,7 +15,7 @@ internal sealed class KvSelectOption
 {
     public Option<string> Option { get; } = new("--kv-select")
     {
-        Description = "TokenSelect KV-cache selection: k=2048,init=128,local=512,cache=0.9,positions=standard,chunk=512 (any subset; 'on' = defaults)",
+        Description = "TokenSelect KV-cache selection: k=2048,init=128,local=512,cache=0.9,positions=standard|compacted,chunk=512 (any subset; 'on' = defaults)",
     };
 
     public void AddTo(Command command) => command.Options.Add(Option);
