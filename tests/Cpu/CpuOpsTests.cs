@@ -264,6 +264,11 @@ public sealed unsafe class CpuOpsTests
             Throws.ArgumentException.With.Message.Contains("not strictly ascending"));
         Assert.That(() => _device.Attention(q, cache, 0, 1, 3, 1, 0, output, new AttentionHook { SelectedPositions = new[] { 10 } }),
             Throws.ArgumentException.With.Message.Contains("capacity 10"));
+        // Compacted RoPE tables: cos and sin of the same length, at least [positions, head_dim / 2] = [4, 4].
+        Assert.That(() => _device.Attention(q, cache, 0, 1, 3, 1, 0, output, new AttentionHook { RopeCos = new float[16], RopeSin = new float[12] }),
+            Throws.ArgumentException.With.Message.Contains("compacted RoPE tables hold 16 cos and 12 sin"));
+        Assert.That(() => _device.Attention(q, cache, 0, 1, 3, 1, 0, output, new AttentionHook { RopeCos = new float[12], RopeSin = new float[12] }),
+            Throws.ArgumentException.With.Message.Contains("[positions 4, head_dim / 2 = 4]"));
     }
 
     [TestCase(1, TestName = "silu_mul(n=1)")]

@@ -35,6 +35,10 @@ public sealed class AttentionOpsTests
         using var bias = _device.Allocate("bias", DType.F32, 2, 4, 15);
         using var indices = _device.Allocate("indices", DType.I32, 2, 5);
         using var workspace = _device.Allocate("workspace", DType.F32, 10);
+        using var shortFrequencies = _device.Allocate("inv_freq_31", DType.F32, 31);
+        using var halfFrequencies = _device.Allocate("inv_freq_bf16", DType.BF16, 32);
+        using var chunk = _device.Allocate("q_chunk", DType.BF16, 2, 3, 4, 64);
+        using var chunkOutput = _device.Allocate("out_chunk", DType.BF16, 2, 3, 4, 64);
 
         void Decode(DeviceTensor query, DeviceTensor k, DeviceTensor v, DeviceAttentionHook hook = default, DeviceTensor? scratch = null, int splits = 1) =>
             CudaOps.AttentionDecode(_device, query, k, v, lengths, 16, 0, scratch, output, hook, splits);
@@ -44,6 +48,12 @@ public sealed class AttentionOpsTests
         Assert.That(() => Decode(oddHeads, keys, values), Throws.ArgumentException.With.Message.Contains("'q_3_heads' has 3 query heads"));
         Assert.That(() => Decode(q, keys, values, new DeviceAttentionHook(KeyBias: bias)), Throws.ArgumentException.With.Message.Contains("'bias' has shape [2, 4, 15]"));
         Assert.That(() => Decode(q, keys, values, new DeviceAttentionHook(Indices: indices)), Throws.ArgumentException.With.Message.Contains("both indices and index counts"));
+        Assert.That(() => Decode(q, keys, values, new DeviceAttentionHook(RopeInverseFrequencies: shortFrequencies)),
+            Throws.ArgumentException.With.Message.Contains("tensor 'inv_freq_31' has shape [31]; expected [32]"));
+        Assert.That(() => Decode(q, keys, values, new DeviceAttentionHook(RopeInverseFrequencies: halfFrequencies)),
+            Throws.ArgumentException.With.Message.Contains("inv_freq_bf16"));
+        Assert.That(() => CudaOps.AttentionPrefill(_device, chunk, keys, values, lengths, 0, chunkOutput, new DeviceAttentionHook(RopeInverseFrequencies: shortFrequencies)),
+            Throws.ArgumentException.With.Message.Contains("'inv_freq_31'"));
         Assert.That(() => Decode(q, keys, values, scratch: workspace, splits: 3), Throws.ArgumentException.With.Message.Contains("workspace 'workspace' [10] F32 must be F32 with at least 1584"));
         Assert.That(() => CudaOps.AttentionPrefill(_device, q, keys, values, lengths, 0, output),
             Throws.ArgumentException.With.Message.Contains("tensor 'q' has shape [2, 4, 64]; expected [2, *, *, 64]"));
