@@ -16,7 +16,8 @@ namespace KernelLM.Tests.DeviceCheck;
 /// TokenSelect's part of the device report (tools/device-check.sh writes kv_select.json and kv_select.txt next to
 /// report.json): per decode step of one layer with the Llama-3.1-8B attention shape (32 query heads, 8 KV heads,
 /// head_dim 128, bf16) at 32K, 128K, 512K and 1M cached tokens, the attention time with full attention, with selection
-/// on a cache miss (scores, softmax, vote, top-k, then attention over the list) and on a cache hit (the list reused);
+/// on a cache miss (scores, softmax, vote, top-k, then attention over the list) and on a cache hit (the list reused),
+/// and a hit with compacted positions (attention rotating the listed keys and the query inside the kernel);
 /// the score kernel's achieved GB/s (the keys it reads) against the measured copy; and end-to-end decode tokens/s of
 /// the 8B shape at 128K (random weights, cache filled on the device) with full attention, selection missing every step
 /// and selection hitting every step. Real models land between the two selection figures at their hit rate. In CI
@@ -73,6 +74,8 @@ public sealed class KvSelectReportTests
             var hitting = options with { CacheThreshold = -1f };
             var missLayer = CudaOps.KvSelectAllocateLayer(device, "miss", 1, heads * headDim, missing, owned);
             var hitLayer = CudaOps.KvSelectAllocateLayer(device, "hit", 1, heads * headDim, hitting, owned);
+            var frequencies = Add(device.Allocate("rope_inv_freq", DType.F32, headDim / 2));
+            frequencies.Upload<float>(Enumerable.Range(0, headDim / 2).Select(i => 1f / MathF.Pow(500000f, 2f * i / headDim)).ToArray());
 
             double full = Time(device, () => CudaOps.AttentionDecode(device, q, keys, values, lengths, context, 0, workspace, output), launches);
             double scores = Time(device, () => CudaOps.KvSelect(device, q, keys, lengths, context, missing, false, scratch, missLayer, scoresOnly: true), launches);
@@ -86,6 +89,12 @@ public sealed class KvSelectReportTests
                 CudaOps.KvSelect(device, q, keys, lengths, context, hitting, true, scratch, hitLayer);
                 CudaOps.AttentionDecode(device, q, keys, values, lengths, context, 0, workspace, output, hitLayer.Hook);
             }, launches);
+            double hitCompacted = Time(device, () =>
+            {
+                CudaOps.KvSelect(device, q, keys, lengths, context, hitting, true, scratch, hitLayer);
+                CudaOps.AttentionDecode(device, q, keys, values, lengths, context, 0, workspace, output,
+                    hitLayer.Hook with { RopeInverseFrequencies = frequencies });
+            }, launches);
             int[] state = hitLayer.State.Download<int>();
             long keyBytes = keys.ByteLength;
             return new
@@ -98,6 +107,8 @@ public sealed class KvSelectReportTests
                 selection_hit_microseconds = hit * 1e6,
                 speedup_miss = full / miss,
                 speedup_hit = full / hit,
+                selection_hit_compacted_microseconds = hitCompacted * 1e6,
+                compacted_over_standard_hit = hitCompacted / hit,
                 score_kernel_microseconds = scores * 1e6,
                 score_kernel_gbps = keyBytes / scores / 1e9,
                 score_kernel_fraction_of_copy = keyBytes / scores / 1e9 / copy,
@@ -201,6 +212,7 @@ public sealed class KvSelectReportTests
             Assert.That(layer.GetProperty("full_attention_microseconds").GetDouble(), Is.GreaterThan(0));
             Assert.That(layer.GetProperty("score_kernel_gbps").GetDouble(), Is.GreaterThan(0));
             Assert.That(layer.GetProperty("hit_run_hits").GetInt32(), Is.GreaterThan(0), "the hitting configuration hits");
+            Assert.That(layer.GetProperty("selection_hit_compacted_microseconds").GetDouble(), Is.GreaterThan(0));
             var decode = json.RootElement.GetProperty("decode");
             Assert.That(decode.GetProperty("selection_hit_tokens_per_second").GetDouble(), Is.GreaterThan(0));
         }
