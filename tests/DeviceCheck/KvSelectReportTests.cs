@@ -175,26 +175,9 @@ public sealed class KvSelectReportTests
         }
     }
 
-    private static ModelConfig Shape(int vocabulary, int hidden, int intermediate, int layers, int heads, int kvHeads, int headDim) => new()
-    {
-        Architecture = Architecture.Llama,
-        ArchitectureName = "LlamaForCausalLM",
-        VocabularySize = vocabulary,
-        HiddenSize = hidden,
-        IntermediateSize = intermediate,
-        Layers = layers,
-        Heads = heads,
-        KvHeads = kvHeads,
-        HeadDim = headDim,
-        RmsNormEpsilon = 1e-5,
-        RopeTheta = 500000,
-        MaxPositionEmbeddings = 1 << 20,
-        TieWordEmbeddings = false,
-        QkvBias = false,
-        OutputBias = false,
-        SlidingWindow = 0,
-        EosTokenIds = [1],
-    };
+    /// <summary>A Llama shape (ReferenceShapes) whose positions reach 1M.</summary>
+    private static ModelConfig Shape(int vocabulary, int hidden, int intermediate, int layers, int heads, int kvHeads, int headDim) =>
+        ReferenceShapes.Llama(vocabulary, hidden, intermediate, layers, heads, kvHeads, headDim, tied: false) with { MaxPositionEmbeddings = 1 << 20 };
 
     [Test]
     public void Kv_select_report_on_the_emulated_device_is_complete_json()
