@@ -62,15 +62,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
     private readonly DeviceTensor? _topIds;      // [chunk, MaxTopK] i32
     private readonly DeviceTensor? _topLogProbs; // [chunk, MaxTopK] f32
     private readonly DeviceTensor? _reduceWorkspace; // vocab_stats partials
-    private readonly DeviceTensor? _history;     // [1, capacity] i32: every token fed (the repetition penalty's history)
-    private readonly DeviceTensor? _historyLength; // [1] i32
-    private readonly DeviceTensor? _flags;       // [1, vocab] i32 zeroed scratch of the repetition penalty
-    private readonly DeviceTensor? _penalized;   // [1, vocab] model dtype: the last logits after the penalty
-    private readonly DeviceTensor? _sampled;     // [1] i32: the chosen token
-    private readonly DeviceTensor? _counters;    // [1] u64: draws since Reset
-    private readonly DeviceTensor?[] _rowTopIds = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
-    private readonly DeviceTensor?[] _rowTopLogProbs = new DeviceTensor?[KernelLM.Runtime.Signals.VocabStats.MaxTopK + 1];
-    private DeviceTensor? _rowStats;
+    private readonly DeviceRowSampler? _sampler; // penalty history, draw counter and the sampled row's numbers
     private readonly CudaKvSelector? _selector;  // TokenSelect (null: full attention)
     private readonly DeviceTensor? _unrotated;   // [head_dim / 2] f32 zeros: kv_append's inv_freq in compacted mode (keys stored before RoPE)
     private readonly int[] _drawLengths;          // [capacity]: the length at each random draw since Reset (rollback of _counters)
@@ -148,14 +140,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
                     bytes = Math.Max(bytes, CudaOps.VocabStatsWorkspaceBytes(rows, c.VocabularySize));
                 }
                 _reduceWorkspace = Allocate("vocab_stats_workspace", DType.I32, checked((int)((bytes + 3) / 4)));
-                _history = Allocate("history", DType.I32, 1, capacity);
-                _historyLength = Allocate("history_length", DType.I32, 1);
-                _flags = Allocate("penalty_flags", DType.I32, 1, c.VocabularySize);
-                _flags.Upload<int>(new int[c.VocabularySize]);
-                _penalized = Allocate("penalized_logits", dtype, 1, c.VocabularySize);
-                _sampled = Allocate("sampled", DType.I32, 1);
-                _counters = Allocate("draw_counters", DType.U64, 1);
-                _rowStats = _stats.View("stats", DType.F32, 0, 1, KernelLM.Runtime.Signals.VocabStats.FieldCount);
+                _sampler = new DeviceRowSampler(_device, dtype, c.VocabularySize, capacity, (name, type, shape) => Allocate(name, type, shape));
             }
         }
         catch
@@ -189,11 +174,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         _length = 0;
         _selector?.Reset();
         _draws = 0;
-        if (_counters is not null)
-        {
-            Span<ulong> zero = [0UL];
-            _counters.Upload<ulong>(zero);
-        }
+        _sampler?.SetDrawCounter(0);
     }
 
     /// <summary>
@@ -214,8 +195,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         }
         if (_draws != draws)
         {
-            Span<ulong> counter = [(ulong)_draws];
-            _counters!.Upload<ulong>(counter);
+            _sampler!.SetDrawCounter((ulong)_draws);
         }
     }
 
@@ -382,7 +362,7 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         }
     }
 
-    public bool CanSample => _sampled is not null;
+    public bool CanSample => _sampler is not null;
 
     public int ForwardSample(ReadOnlySpan<int> feed, KernelLM.Runtime.Sampling.SamplingOptions options, ulong seed, int topK, Span<float> stats,
         Span<int> topIds, Span<float> topLogProbs)
@@ -393,14 +373,8 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         {
             throw new InvalidOperationException($"sampling on the device needs f32 or bf16 logits; this model runs in {_model.DType}");
         }
-        var config = _model.Config;
-        int vocabulary = config.VocabularySize;
-        int fields = KernelLM.Runtime.Signals.VocabStats.FieldCount;
-        if ((uint)topK > KernelLM.Runtime.Signals.VocabStats.MaxTopK || stats.Length < fields || topIds.Length < topK || topLogProbs.Length < topK)
-        {
-            throw new ArgumentException($"sample: stats need {fields} values and top-{topK} (0..{KernelLM.Runtime.Signals.VocabStats.MaxTopK}) ids and log-probs");
-        }
-        DecoderChecks.Tokens(feed, _length, Capacity, vocabulary);
+        DeviceRowSampler.CheckOutputs(topK, stats, topIds, topLogProbs);
+        DecoderChecks.Tokens(feed, _length, Capacity, _model.Config.VocabularySize);
         for (int start = 0; start < feed.Length; start += _chunk)
         {
             int count = Math.Min(_chunk, feed.Length - start);
@@ -418,37 +392,13 @@ public sealed class CudaLlamaSession : IDecoderSession, IDeviceReduction, IDevic
         }
 
         // The history the penalty reads: every token fed so far, on the device.
-        int first = _length - feed.Length;
-        _device.Backend.CopyHostToDevice(_history!.Address + (ulong)first * sizeof(int), System.Runtime.InteropServices.MemoryMarshal.AsBytes(feed), 0);
-        Span<int> length = [_length];
-        _historyLength!.Upload<int>(length);
-
-        var logits = _decode.LastLogits;
-        var source = logits;
-        if (options.RepetitionPenalty != 1f)
-        {
-            _device.Backend.CopyDeviceToDevice(_penalized!.Address, logits.Address, logits.ByteLength, 0);
-            CudaOps.RepetitionPenalty(_device, _penalized, vocabulary, _history, _historyLength, options.RepetitionPenalty, _flags!);
-            source = _penalized;
-        }
-        CudaOps.Sample(_device, source, vocabulary, options, _sampled!, uniforms: null, _counters, seed);
+        _sampler!.Record(_length - feed.Length, feed);
+        int chosen = _sampler.Sample(_decode.LastLogits, options, seed, topK, stats, topIds, topLogProbs);
         if (!options.IsGreedy)
         {
             _drawLengths[_draws++] = _length; // the kernel advanced the counter (greedy does not)
         }
-        // The numbers of the raw distribution (before penalty and temperature) for the chosen id.
-        var rowIds = topK > 0 ? _rowTopIds[topK] ??= _topIds!.View("top_ids", DType.I32, 0, 1, topK) : null;
-        var rowLogProbs = topK > 0 ? _rowTopLogProbs[topK] ??= _topLogProbs!.View("top_log_probs", DType.F32, 0, 1, topK) : null;
-        CudaOps.VocabStats(_device, logits, vocabulary, _sampled, null, topK, _reduceWorkspace!, _rowStats!, rowIds, rowLogProbs);
-        Span<int> chosen = [0];
-        _sampled!.Download(chosen);
-        _rowStats!.Download(stats[..fields]);
-        if (topK > 0)
-        {
-            rowIds!.Download(topIds[..topK]);
-            rowLogProbs!.Download(topLogProbs[..topK]);
-        }
-        return chosen[0];
+        return chosen;
     }
 
     /// <summary>The last position's logits into <c>_logits</c>' first row (the model dtype), on the device.</summary>

@@ -238,18 +238,7 @@ public sealed class ComposedSession : IDecoderSession, IDeviceSampler
         private readonly DeviceTensor _composedRow;  // [1, width] view
         private readonly DeviceTensor? _cutoffs;     // [chunk] f32 (with a plausibility cut)
         private readonly DeviceTensor? _cutoffRow;   // [1] view
-        private readonly DeviceTensor _history;      // [1, capacity] i32: every token fed (the repetition penalty's history)
-        private readonly DeviceTensor _historyLength; // [1] i32
-        private readonly DeviceTensor _flags;        // [1, width] i32 zeroed scratch of the repetition penalty
-        private readonly DeviceTensor _penalized;    // [1, width] f32: the composed row after the penalty
-        private readonly DeviceTensor _sampled;      // [1] i32
-        private readonly DeviceTensor _counters;     // [1] u64: draws since Reset
-        private readonly DeviceTensor _stats;        // [1, VocabStats.FieldCount] f32
-        private readonly DeviceTensor _topIds;       // [1, MaxTopK] i32
-        private readonly DeviceTensor _topLogProbs;  // [1, MaxTopK] f32
-        private readonly DeviceTensor _workspace;    // vocab_stats partials of one row
-        private readonly DeviceTensor?[] _rowTopIds = new DeviceTensor?[VocabStats.MaxTopK + 1];
-        private readonly DeviceTensor?[] _rowTopLogProbs = new DeviceTensor?[VocabStats.MaxTopK + 1];
+        private readonly DeviceRowSampler _sampler;  // penalty history, draw counter and the sampled row's numbers
         private int _fed;
 
         private DevicePath(ComposedSession owner, IDeviceLogits[] sources)
@@ -269,17 +258,7 @@ public sealed class ComposedSession : IDecoderSession, IDeviceSampler
                     _cutoffs = Allocate("plausibility_cutoffs", DType.F32, _chunk);
                     _cutoffRow = _cutoffs.View("plausibility_cutoffs", DType.F32, 0, 1);
                 }
-                _history = Allocate("composed_history", DType.I32, 1, owner.Capacity);
-                _historyLength = Allocate("composed_history_length", DType.I32, 1);
-                _flags = Allocate("composed_penalty_flags", DType.I32, 1, width);
-                _flags.Upload<int>(new int[width]);
-                _penalized = Allocate("composed_penalized", DType.F32, 1, width);
-                _sampled = Allocate("composed_sampled", DType.I32, 1);
-                _counters = Allocate("composed_draw_counters", DType.U64, 1);
-                _stats = Allocate("composed_stats", DType.F32, 1, VocabStats.FieldCount);
-                _topIds = Allocate("composed_top_ids", DType.I32, 1, VocabStats.MaxTopK);
-                _topLogProbs = Allocate("composed_top_log_probs", DType.F32, 1, VocabStats.MaxTopK);
-                _workspace = Allocate("composed_vocab_stats_workspace", DType.I32, checked((int)((CudaOps.VocabStatsWorkspaceBytes(1, width) + 3) / 4)));
+                _sampler = new DeviceRowSampler(_device, DType.F32, width, owner.Capacity, (name, type, shape) => Allocate("composed_" + name, type, shape));
                 Reset();
             }
             catch
@@ -317,8 +296,7 @@ public sealed class ComposedSession : IDecoderSession, IDeviceSampler
         public void Reset()
         {
             _fed = 0;
-            Span<ulong> zero = [0UL];
-            _counters.Upload<ulong>(zero);
+            _sampler.SetDrawCounter(0);
         }
 
         /// <summary>Each member's forward, its logits left on the device, summed (and cut) into <paramref name="output"/>.</summary>
@@ -366,49 +344,18 @@ public sealed class ComposedSession : IDecoderSession, IDeviceSampler
         /// <summary>Adds the fed tokens to the device history the repetition penalty reads.</summary>
         private void Record(ReadOnlySpan<int> tokens)
         {
-            int room = _history.Shape[1] - _fed;
-            var kept = tokens[..Math.Min(tokens.Length, room)];
-            if (!kept.IsEmpty)
-            {
-                _device.Backend.CopyHostToDevice(_history.Address + (ulong)_fed * sizeof(int), System.Runtime.InteropServices.MemoryMarshal.AsBytes(kept), 0);
-                _fed += kept.Length;
-            }
-            Span<int> length = [_fed];
-            _historyLength.Upload<int>(length);
+            _sampler.Record(_fed, tokens);
+            _fed = Math.Min(_fed + tokens.Length, _owner.Capacity);
         }
 
         public int ForwardSample(ReadOnlySpan<int> feed, Sampling.SamplingOptions options, ulong seed, int topK, Span<float> stats, Span<int> topIds,
             Span<float> topLogProbs)
         {
-            int width = _owner.VocabularySize;
-            int fields = VocabStats.FieldCount;
-            if ((uint)topK > VocabStats.MaxTopK || stats.Length < fields || topIds.Length < topK || topLogProbs.Length < topK)
-            {
-                throw new ArgumentException($"sample: stats need {fields} values and top-{topK} (0..{VocabStats.MaxTopK}) ids and log-probs");
-            }
+            DeviceRowSampler.CheckOutputs(topK, stats, topIds, topLogProbs);
             Combine(feed, false, _composedRow, _cutoffRow);
             Record(feed);
-            var source = _composedRow;
-            if (options.RepetitionPenalty != 1f)
-            {
-                _device.Backend.CopyDeviceToDevice(_penalized.Address, _composedRow.Address, _composedRow.ByteLength, 0);
-                CudaOps.RepetitionPenalty(_device, _penalized, width, _history, _historyLength, options.RepetitionPenalty, _flags);
-                source = _penalized;
-            }
-            CudaOps.Sample(_device, source, width, options, _sampled, uniforms: null, _counters, seed);
             // The numbers of the composed distribution (before penalty and temperature) for the chosen id.
-            var rowIds = topK > 0 ? _rowTopIds[topK] ??= _topIds.View("composed_top_ids", DType.I32, 0, 1, topK) : null;
-            var rowLogProbs = topK > 0 ? _rowTopLogProbs[topK] ??= _topLogProbs.View("composed_top_log_probs", DType.F32, 0, 1, topK) : null;
-            CudaOps.VocabStats(_device, _composedRow, width, _sampled, null, topK, _workspace, _stats, rowIds, rowLogProbs);
-            Span<int> chosen = [0];
-            _sampled.Download(chosen);
-            _stats.Download(stats[..fields]);
-            if (topK > 0)
-            {
-                rowIds!.Download(topIds[..topK]);
-                rowLogProbs!.Download(topLogProbs[..topK]);
-            }
-            return chosen[0];
+            return _sampler.Sample(_composedRow, options, seed, topK, stats, topIds, topLogProbs);
         }
 
         public void Dispose()
